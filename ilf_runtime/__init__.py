@@ -1,0 +1,32 @@
+"""ilf-runtime: fast sampling for diffusion transformers with Inner Loop Feedback.
+
+Public API (everything else is internal):
+
+- `ILFConfig`, `apply_ilf`, `remove_ilf`, `get_ilf`: attach / detach the feedback loop.
+- `save_ilf_weights`, `load_ilf_weights`: feedback weights files (safetensors + metadata).
+- `sample`, `load_model`: sampling with this project's own denoising loop.
+- `ext_status`: what the compiled extension loaded, or why not.
+
+Importing this package never initialises CUDA and works without the compiled extension.
+"""
+
+from ilf_runtime._ext import ext_status
+from ilf_runtime.config import ILFConfig
+from ilf_runtime.ilf import apply_ilf, get_ilf, remove_ilf
+from ilf_runtime.pipelines import load_model, sample
+from ilf_runtime.weights import load_ilf_weights, save_ilf_weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ILFConfig",
+    "apply_ilf",
+    "remove_ilf",
+    "get_ilf",
+    "save_ilf_weights",
+    "load_ilf_weights",
+    "sample",
+    "load_model",
+    "ext_status",
+    "__version__",
+]

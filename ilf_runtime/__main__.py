@@ -1,0 +1,3 @@
+from ilf_runtime.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,183 @@
+"""The `ilf` command line: `ilf sample`, `ilf info`.
+
+Flags map onto the keyword arguments of `ilf_runtime.sample`. Errors in the arguments or in the
+inputs (missing model, bad weights file, wrong labels) end with a one-line message and exit code 2,
+not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+__all__ = ["main", "build_parser"]
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: reported in one line, exit code 2."""
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ilf", description="Fast DiT / PixArt sampling with Inner Loop Feedback.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("sample", help="sample an image grid", description="Sample images into a PNG grid.")
+    s.add_argument("--model", required=True, help="model directory (diffusers pipeline or transformer) or built-in name")
+    s.add_argument("--weights", help="feedback weights file (.safetensors) to apply")
+    s.add_argument("--classes", type=_int_list, help="DiT class ids, e.g. 0,1,2 (default: all classes, up to 10)")
+    s.add_argument("--per-class", type=_positive, default=4, help="images per class or prompt (default 4)")
+    s.add_argument("--prompt", action="append", help="PixArt prompt (repeatable)")
+    s.add_argument("--prompt-embeds", help="safetensors file with prompt_embeds [, prompt_attention_mask, negative_*]")
+    s.add_argument("--steps", type=_positive, default=20, help="solver steps (default 20)")
+    s.add_argument("--solver", choices=["ddim", "dpmpp_2m"], help="default: the model's scheduler")
+    s.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's)")
+    s.add_argument("--seed", type=int, default=0, help="first noise seed; image i uses seed + i")
+    s.add_argument("--loop-steps", help="steps that run the loop: all, none, first:K, last:K, every:K or 5,7,9")
+    s.add_argument("--batch-size", type=_positive, help="images per forward batch (default all)")
+    s.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    s.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    s.add_argument("--out", default="samples.png", help="output PNG grid (default samples.png)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    i = sub.add_parser("info", help="print a feedback weights file's metadata")
+    i.add_argument("file", help="feedback weights file (.safetensors)")
+    return p
+
+
+def _load_embeds(path: str) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    try:
+        d = load_file(path)
+    except Exception as e:
+        raise UsageError(f"--prompt-embeds {path}: cannot read ({e})") from None
+    if "prompt_embeds" not in d:
+        raise UsageError(f"--prompt-embeds {path}: no 'prompt_embeds' tensor (found {sorted(d)})")
+    return d
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from ilf_runtime.images import save_grid
+    from ilf_runtime.pipelines import MODEL_NAMES, load_model, sample
+
+    dtype = getattr(torch, DTYPES[args.dtype])
+    model = load_model(args.model, device=args.device, dtype=dtype)
+    if args.model in MODEL_NAMES:
+        print(f"model: {args.model}: {model.note} -- random weights, the images are noise-like by design")
+    kw: dict[str, Any] = {}
+    n = args.per_class
+    if model.kind == "dit":
+        if args.prompt or args.prompt_embeds:
+            raise UsageError("this is a class-conditional DiT model: use --classes, not --prompt")
+        num_classes = model.transformer.config.num_embeds_ada_norm
+        classes = args.classes if args.classes is not None else list(range(min(num_classes, 10)))
+        bad = [c for c in classes if not 0 <= c < num_classes]
+        if bad:
+            raise UsageError(f"--classes {bad}: this model has classes 0..{num_classes - 1}")
+        kw["class_labels"] = [c for c in classes for _ in range(n)]
+        nrow_labels = classes
+    else:
+        if args.classes is not None:
+            raise UsageError("this is a text-to-image PixArt model: use --prompt or --prompt-embeds")
+        if args.prompt_embeds:
+            d = _load_embeds(args.prompt_embeds)
+            for k in ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask"):
+                if k in d:
+                    kw[k] = d[k].repeat_interleave(n, dim=0)
+            nrow_labels = list(range(d["prompt_embeds"].shape[0]))
+        elif args.prompt:
+            kw["prompts"] = [p for p in args.prompt for _ in range(n)]
+            nrow_labels = args.prompt
+        else:
+            raise UsageError("PixArt models need --prompt or --prompt-embeds")
+    out = sample(
+        model,
+        num_steps=args.steps,
+        solver=args.solver,
+        guidance_scale=args.guidance,
+        seed=args.seed,
+        ilf=args.weights,
+        loop_steps=args.loop_steps,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        **kw,
+    )
+    path = save_grid(out.images, args.out, nrow=n)
+    info = out.info
+    count = len(out.seeds)
+    ilf_desc = "off" if info["ilf"] is None else f"{args.weights} (looped steps {sum(info['loop_mask'])}/{args.steps})"
+    print(
+        f"wrote {path}: {count} images, {len(nrow_labels)} rows x {n} ({model.kind}, {info['solver']}, "
+        f"{args.steps} steps, guidance {info['guidance_scale']}, ILF {ilf_desc})"
+    )
+    print(
+        f"time {out.seconds:.3f} s, {count / out.seconds:.2f} images/s, "
+        f"{info['block_evals_per_image']} block evaluations per image, device {info['device']}, dtype {info['dtype']}"
+    )
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from ilf_runtime.weights import load_ilf_weights
+
+    w = load_ilf_weights(args.file)
+    meta = w.metadata
+    print(f"file: {args.file}")
+    print(f"format: {meta['format']} v{meta['format_version']}")
+    print(f"backbone: {meta['backbone_class']} (fingerprint {meta['backbone_fingerprint'][:16]})")
+    bc = meta.get("backbone_config") or {}
+    keys = ("num_layers", "num_attention_heads", "attention_head_dim", "sample_size", "patch_size", "in_channels")
+    print("backbone config: " + ", ".join(f"{k}={bc[k]}" for k in keys if k in bc))
+    print("ilf config: " + json.dumps(meta["ilf_config"], sort_keys=True))
+    print("sampler: " + json.dumps(meta.get("sampler") or {}, sort_keys=True))
+    print("training: " + json.dumps(meta.get("training") or {}, sort_keys=True))
+    n = sum(t.numel() for t in w.tensors.values())
+    print(f"tensors: {len(w.tensors)} ({n:,} parameters); scales: {w.tensors['scales'].flatten()[:8].tolist()}")
+    return 0
+
+
+COMMANDS = {"sample": cmd_sample, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    from ilf_runtime.weights import WeightsError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (UsageError, WeightsError, ValueError, FileNotFoundError, RuntimeError) as e:
+        parser.exit(2, f"ilf {args.command}: error: {e}\n")
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""Attach an inner feedback loop to a diffusers DiT or PixArt transformer, and take it off again.
+
+Nothing is patched on a class. `apply_ilf` registers one submodule on the transformer instance
+(`transformer.ilf_loop`, a `FeedbackLoop` holding the feedback block and the scales) and three
+forward hooks on that instance and its blocks:
+
+- a pre-hook on the transformer records the raw timestep (PixArt's blocks only see it embedded);
+- a pre-hook on the first loop block records that block's input ``h_a`` and its keyword arguments;
+- a hook on the last loop block replaces its output by the looped result (section 2 of the method
+  notes), when `FeedbackLoop.active` is set.
+
+`remove_ilf` removes the hooks and the submodule; the backbone's parameters are never touched,
+so the model then computes bit for bit what it computed before.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import weakref
+from dataclasses import dataclass, field
+from os import PathLike
+from typing import Any
+
+import torch
+from torch import nn
+
+from ilf_runtime import ops
+from ilf_runtime.config import ILFConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FeedbackLoop",
+    "apply_ilf",
+    "remove_ilf",
+    "get_ilf",
+    "model_kind",
+    "build_feedback_block",
+    "SUPPORTED_MODELS",
+]
+
+ATTR = "ilf_loop"
+SUPPORTED_MODELS = ("DiTTransformer2DModel", "PixArtTransformer2DModel")
+
+
+def unwrap_transformer(model: Any) -> nn.Module:
+    """A pipeline's transformer, or the model itself."""
+    inner = getattr(model, "transformer", None)
+    return inner if isinstance(inner, nn.Module) and not isinstance(model, nn.Module) else model
+
+
+def model_kind(transformer: nn.Module) -> str:
+    """``"dit"`` or ``"pixart"``; anything else raises a ValueError naming the supported models."""
+    from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
+
+    if isinstance(transformer, DiTTransformer2DModel):
+        return "dit"
+    if isinstance(transformer, PixArtTransformer2DModel):
+        return "pixart"
+    raise ValueError(f"unsupported model: {type(transformer).__name__}; supported: {', '.join(SUPPORTED_MODELS)}")
+
+
+def _block_kwargs(transformer: nn.Module) -> dict[str, Any]:
+    """The arguments the backbone builds each of its `BasicTransformerBlock`s with."""
+    c = transformer.config
+    kw = dict(
+        dim=transformer.inner_dim,
+        num_attention_heads=c.num_attention_heads,
+        attention_head_dim=c.attention_head_dim,
+        dropout=c.dropout,
+        activation_fn=c.activation_fn,
+        num_embeds_ada_norm=c.num_embeds_ada_norm,
+        attention_bias=c.attention_bias,
+        upcast_attention=c.upcast_attention,
+        norm_type=c.norm_type,
+        norm_elementwise_affine=c.norm_elementwise_affine,
+        norm_eps=c.norm_eps,
+    )
+    if model_kind(transformer) == "pixart":
+        kw.update(cross_attention_dim=c.cross_attention_dim, attention_type=c.attention_type)
+    return kw
+
+
+def build_feedback_block(transformer: nn.Module, config: ILFConfig) -> nn.Module:
+    """A new block of the backbone's own class and arguments, initialised per `config`."""
+    blocks = transformer.transformer_blocks
+    cls = type(blocks[0])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.init_seed)
+        block = cls(**_block_kwargs(transformer))
+    k = config.copy_block
+    if k is not None:
+        block.load_state_dict(blocks[k].state_dict())
+    ref = next(blocks[0].parameters())
+    return block.to(device=ref.device, dtype=ref.dtype)
+
+
+@dataclass
+class _StepState:
+    """What the hooks carry from the first loop block to the last, within one forward."""
+
+    h_a: torch.Tensor | None = None
+    block_kwargs: dict[str, Any] = field(default_factory=dict)
+    timestep: torch.Tensor | None = None
+    added_cond_kwargs: dict[str, Any] | None = None
+
+
+class FeedbackLoop(nn.Module):
+    """The feedback block and the loop scales, attached to one transformer by `apply_ilf`.
+
+    ``active`` is a plain Python flag read at every forward: the sampler sets it per step from a
+    fixed schedule, so switching the loop on and off rebuilds nothing and stays graph-capturable.
+    """
+
+    def __init__(self, config: ILFConfig, feedback: nn.Module, dim: int):
+        super().__init__()
+        self.config = config
+        self.feedback = feedback
+        n = config.num_loop_blocks
+        shape = (n,) if config.scale_shape == "block" else (n, dim)
+        ref = next(feedback.parameters())
+        self.scales = nn.Parameter(torch.zeros(shape, device=ref.device, dtype=ref.dtype))
+        self.active = True
+        self._kind: str | None = None
+        self._owner: weakref.ref | None = None
+        self._handles: list[Any] = []
+        self._state = _StepState()
+        self._running = False
+
+    # -- wiring -----------------------------------------------------------------------------------
+    def _attach(self, transformer: nn.Module) -> None:
+        self._kind = model_kind(transformer)
+        self._owner = weakref.ref(transformer)
+        blocks = transformer.transformer_blocks
+        a, b = self.config.loop_start, self.config.loop_end
+        self._sig_model = inspect.signature(type(transformer).forward)
+        self._sig_block = inspect.signature(type(blocks[a]).forward)
+        self._handles = [
+            transformer.register_forward_pre_hook(self._on_model_start, with_kwargs=True),
+            transformer.register_forward_hook(self._on_model_end, always_call=True),
+            blocks[a].register_forward_pre_hook(self._on_loop_start, with_kwargs=True),
+            blocks[b].register_forward_hook(self._on_loop_end, with_kwargs=True),
+        ]
+
+    def _detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._owner = None
+        self._state = _StepState()
+
+    @property
+    def transformer(self) -> nn.Module:
+        owner = self._owner() if self._owner is not None else None
+        if owner is None:
+            raise RuntimeError("this FeedbackLoop is not attached to a transformer (see apply_ilf)")
+        return owner
+
+    def loop_blocks(self) -> list[nn.Module]:
+        blocks = self.transformer.transformer_blocks
+        return [blocks[j] for j in range(self.config.loop_start, self.config.loop_end + 1)]
+
+    # -- hooks ------------------------------------------------------------------------------------
+    def _on_model_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.is_grad_enabled() and getattr(module, "gradient_checkpointing", False):
+            raise RuntimeError("ILF does not support gradient checkpointing of the backbone; disable it")
+        bound = self._sig_model.bind(module, *args, **kwargs).arguments
+        self._state = _StepState(timestep=bound.get("timestep"), added_cond_kwargs=bound.get("added_cond_kwargs"))
+
+    def _on_model_end(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._state = _StepState()  # drop h_a and friends: no activation outlives the forward
+
+    def _on_loop_start(self, block: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._running:
+            return
+        bound = dict(self._sig_block.bind(block, *args, **kwargs).arguments)
+        bound.pop("self")
+        self._state.h_a = bound.pop("hidden_states")
+        self._state.block_kwargs = bound
+
+    def _on_loop_end(self, block: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
+        if self._running or not self.active:
+            return None
+        if self._state.h_a is None:
+            raise RuntimeError("ILF loop end reached without its start: was the transformer called normally?")
+        self._running = True
+        try:
+            return self.run_loop(output)
+        finally:
+            self._running = False
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def _feedback_kwargs(self) -> dict[str, Any]:
+        st = self._state
+        kw = st.block_kwargs
+        shift = self.config.feedback_t_shift
+        if shift == 0:
+            return kw
+        kw = dict(kw)
+        if self._kind == "dit":
+            kw["timestep"] = (kw["timestep"] - shift).clamp_min(0)
+        else:  # PixArt blocks take the adaLN-single embedding of the timestep, so re-embed
+            t = torch.as_tensor(st.timestep, device=st.h_a.device)
+            t = (t - shift).clamp_min(0).expand(st.h_a.shape[0])
+            kw["timestep"] = self.transformer.adaln_single(
+                t, st.added_cond_kwargs, batch_size=st.h_a.shape[0], hidden_dtype=st.h_a.dtype
+            )[0]
+        return kw
+
+    def run_loop(self, h: torch.Tensor) -> torch.Tensor:
+        """Runs the loop `loop_iters` times from the last loop block's first-pass output `h`."""
+        st = self._state
+        kw, kw_f = st.block_kwargs, self._feedback_kwargs()
+        blocks = self.loop_blocks()
+        for _ in range(self.config.loop_iters):
+            f = self.feedback(h, **kw_f)  # (B, T, D)
+            h = st.h_a
+            for i, block in enumerate(blocks):
+                h = block(ops.feedback_inject(h, f, self.scales[i]), **kw)
+        return h
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"loop={c.loop_start}..{c.loop_end}, iters={c.loop_iters}, steps={c.loop_steps!r}, scales={c.scale_shape}"
+
+
+def get_ilf(model: Any) -> FeedbackLoop | None:
+    """The `FeedbackLoop` attached to a transformer (or a pipeline's transformer), or None."""
+    loop = getattr(unwrap_transformer(model), ATTR, None)
+    return loop if isinstance(loop, FeedbackLoop) else None
+
+
+def apply_ilf(
+    model: Any, config_or_weights: ILFConfig | str | PathLike, *, check_backbone: bool = True
+) -> FeedbackLoop:
+    """Attaches an inner feedback loop to a DiT or PixArt transformer (or a pipeline's transformer).
+
+    Args:
+        model: a `DiTTransformer2DModel`, `PixArtTransformer2DModel`, or a pipeline holding one.
+        config_or_weights: an `ILFConfig` (fresh feedback block, scales at zero) or the path of a
+            feedback weights file written by `save_ilf_weights`.
+        check_backbone: refuse weights whose backbone fingerprint differs from this backbone's.
+
+    Returns:
+        The attached `FeedbackLoop`, also reachable as ``transformer.ilf_loop``.
+    """
+    from ilf_runtime.weights import ILFWeights, load_ilf_weights
+
+    transformer = unwrap_transformer(model)
+    kind = model_kind(transformer)
+    if get_ilf(transformer) is not None or hasattr(transformer, ATTR):
+        raise RuntimeError("ILF is already applied to this transformer; call remove_ilf first")
+    weights = None
+    if isinstance(config_or_weights, ILFConfig):
+        config = config_or_weights
+    elif isinstance(config_or_weights, (str, PathLike, ILFWeights)):
+        weights = (
+            config_or_weights
+            if isinstance(config_or_weights, ILFWeights)
+            else load_ilf_weights(config_or_weights)
+        )
+        weights.check_backbone(transformer, strict=check_backbone)
+        config = weights.config
+    else:
+        raise TypeError(f"expected an ILFConfig or a weights file path, got {type(config_or_weights).__name__}")
+    config.check_backbone(len(transformer.transformer_blocks))
+
+    loop = FeedbackLoop(config, build_feedback_block(transformer, config), transformer.inner_dim)
+    if weights is not None:
+        weights.load_into(loop)
+    loop.train(transformer.training)
+    transformer.add_module(ATTR, loop)
+    loop._attach(transformer)
+    logger.info("ILF applied to %s (%s): %s", type(transformer).__name__, kind, loop.extra_repr())
+    return loop
+
+
+def remove_ilf(model: Any) -> FeedbackLoop:
+    """Detaches the loop from the transformer and returns it; the backbone is as before."""
+    transformer = unwrap_transformer(model)
+    loop = get_ilf(transformer)
+    if loop is None:
+        raise RuntimeError(f"no ILF loop is applied to this {type(transformer).__name__}")
+    loop._detach()
+    delattr(transformer, ATTR)
+    return loop

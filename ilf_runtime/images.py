@@ -1,0 +1,45 @@
+"""Image grids as PNG files."""
+
+from __future__ import annotations
+
+from os import PathLike
+from pathlib import Path
+
+import torch
+
+__all__ = ["make_grid", "save_grid"]
+
+
+def make_grid(images: torch.Tensor, nrow: int, *, pad: int = 2, min_cell: int = 64) -> torch.Tensor:
+    """(B, C, H, W) in [0, 1] -> one (C, H', W') grid, `nrow` images per row, small images
+    enlarged by an integer factor (nearest neighbour) to at least `min_cell` pixels."""
+    if images.ndim != 4:
+        raise ValueError(f"images must be (B, C, H, W), got {tuple(images.shape)}")
+    b, c, h, w = images.shape
+    k = max(1, -(-min_cell // max(h, w)))
+    if k > 1:
+        images = images.repeat_interleave(k, dim=2).repeat_interleave(k, dim=3)
+        h, w = h * k, w * k
+    ncol = max(1, nrow)
+    rows = -(-b // ncol)
+    grid = torch.ones(c, rows * (h + pad) + pad, ncol * (w + pad) + pad)
+    for i in range(b):
+        r, q = divmod(i, ncol)
+        grid[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = images[i]
+    return grid
+
+
+def save_grid(images: torch.Tensor, path: str | PathLike, nrow: int, **kw) -> Path:
+    """Writes `make_grid(images, nrow)` as an 8-bit PNG (grey for one channel, RGB for three)."""
+    from PIL import Image
+
+    grid = make_grid(images.float().cpu().clamp(0, 1), nrow, **kw)
+    arr = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    if arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    elif arr.shape[2] != 3:
+        arr = arr[:, :, :3]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+    return path

@@ -1,0 +1,222 @@
+"""Feedback weights files: safetensors with a JSON metadata header, never pickle.
+
+Layout: tensors ``feedback.<name>`` (the feedback block's state dict) and ``scales``; metadata
+(all strings, as safetensors requires):
+
+- ``format`` = ``"ilf-feedback"``, ``format_version``
+- ``ilf_config``: the `ILFConfig` as JSON
+- ``backbone_class``, ``backbone_config`` (JSON), ``backbone_fingerprint``: sha256 of the
+  backbone's class, config and parameter shapes
+- ``sampler``: JSON, the solver and step schedule the loop was distilled for
+- ``training``: JSON, a free-form training summary
+- ``content_sha256``: sha256 over every tensor's name, dtype, shape and bytes, so that a corrupted
+  payload is caught even where the safetensors header is intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ilf_runtime.config import ILFConfig
+
+__all__ = ["ILFWeights", "save_ilf_weights", "load_ilf_weights", "backbone_fingerprint", "WeightsError"]
+
+FORMAT = "ilf-feedback"
+FORMAT_VERSION = 1
+
+
+class WeightsError(ValueError):
+    """A feedback weights file that cannot be used: unreadable, corrupted or for another backbone."""
+
+
+def _backbone_config(transformer: nn.Module) -> dict[str, Any]:
+    return {k: v for k, v in dict(transformer.config).items() if not k.startswith("_")}
+
+
+def backbone_fingerprint(transformer: nn.Module) -> str:
+    """sha256 of the backbone class, config and parameter shapes (ILF's own parameters excluded)."""
+    from ilf_runtime.ilf import ATTR
+
+    shapes = [
+        (n, list(p.shape)) for n, p in transformer.named_parameters() if not n.startswith(ATTR + ".")
+    ]
+    blob = json.dumps(
+        {"class": type(transformer).__name__, "config": _backbone_config(transformer), "params": shapes},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _content_hash(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+@dataclass
+class ILFWeights:
+    """A loaded feedback weights file."""
+
+    config: ILFConfig
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
+
+    @property
+    def sampler(self) -> dict[str, Any]:
+        return self.metadata.get("sampler") or {}
+
+    def check_backbone(self, transformer: nn.Module, strict: bool = True) -> None:
+        """Raises `WeightsError` unless the file was made for this backbone."""
+        want_cls = self.metadata.get("backbone_class")
+        got_cls = type(transformer).__name__
+        if want_cls != got_cls:
+            raise WeightsError(f"{self._name()}: made for a {want_cls} backbone, got a {got_cls}")
+        want_fp = self.metadata.get("backbone_fingerprint")
+        got_fp = backbone_fingerprint(transformer)
+        if strict and want_fp != got_fp:
+            want_cfg = self.metadata.get("backbone_config") or {}
+            got_cfg = _backbone_config(transformer)
+            diffs = [
+                f"{k}: expected {want_cfg.get(k)!r}, found {got_cfg.get(k)!r}"
+                for k in sorted(set(want_cfg) | set(got_cfg))
+                if json.dumps(want_cfg.get(k), default=str) != json.dumps(got_cfg.get(k), default=str)
+            ]
+            detail = "; ".join(diffs) if diffs else "same config, different parameter shapes"
+            raise WeightsError(
+                f"{self._name()}: made for another backbone (fingerprint {str(want_fp)[:12]}, "
+                f"this one is {got_fp[:12]}): {detail}"
+            )
+
+    def load_into(self, loop: nn.Module) -> None:
+        """Copies the tensors into a `FeedbackLoop`, checking names and shapes first."""
+        expected = {f"feedback.{k}": v for k, v in loop.feedback.state_dict().items()}
+        expected["scales"] = loop.scales
+        missing = sorted(set(expected) - set(self.tensors))
+        unexpected = sorted(set(self.tensors) - set(expected))
+        if missing:
+            raise WeightsError(f"{self._name()}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            raise WeightsError(f"{self._name()}: unexpected tensors {unexpected[:5]}")
+        for name, ref in expected.items():
+            if tuple(self.tensors[name].shape) != tuple(ref.shape):
+                raise WeightsError(
+                    f"{self._name()}: tensor {name!r} has shape {tuple(self.tensors[name].shape)}, "
+                    f"expected {tuple(ref.shape)}"
+                )
+        with torch.no_grad():
+            loop.feedback.load_state_dict(
+                {k[len("feedback.") :]: v for k, v in self.tensors.items() if k.startswith("feedback.")}
+            )
+            loop.scales.copy_(self.tensors["scales"])
+
+    def _name(self) -> str:
+        return f"feedback weights {self.path}" if self.path else "feedback weights"
+
+
+def save_ilf_weights(
+    path: str | PathLike,
+    model: Any,
+    *,
+    sampler: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
+) -> Path:
+    """Writes the loop attached to `model` (a transformer or pipeline) atomically to `path`."""
+    from safetensors.torch import save_file
+
+    from ilf_runtime.ilf import get_ilf, unwrap_transformer
+
+    transformer = unwrap_transformer(model)
+    loop = get_ilf(transformer)
+    if loop is None:
+        raise RuntimeError("no ILF loop is applied to this model; nothing to save")
+    tensors = {f"feedback.{k}": v.detach().contiguous().cpu() for k, v in loop.feedback.state_dict().items()}
+    tensors["scales"] = loop.scales.detach().contiguous().cpu()
+    meta = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "ilf_config": loop.config.to_json(),
+        "backbone_class": type(transformer).__name__,
+        "backbone_config": json.dumps(_backbone_config(transformer), sort_keys=True, default=str),
+        "backbone_fingerprint": backbone_fingerprint(transformer),
+        "sampler": json.dumps(sampler or {}, sort_keys=True),
+        "training": json.dumps(training or {}, sort_keys=True),
+        "content_sha256": _content_hash(tensors),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_metadata(path: str | PathLike) -> dict[str, Any]:
+    """The metadata header of a weights file, JSON fields decoded; checks only the header."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"feedback weights {path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise WeightsError(f"feedback weights {path}: not a readable safetensors file ({e})") from None
+    if raw.get("format") != FORMAT:
+        raise WeightsError(
+            f"feedback weights {path}: metadata 'format' is {raw.get('format')!r}, expected {FORMAT!r}"
+        )
+    meta: dict[str, Any] = dict(raw)
+    for key in ("ilf_config", "backbone_config", "sampler", "training"):
+        try:
+            meta[key] = json.loads(raw.get(key, "null"))
+        except json.JSONDecodeError:
+            raise WeightsError(f"feedback weights {path}: metadata {key!r} is not valid JSON") from None
+    version = int(raw.get("format_version", "0"))
+    if version != FORMAT_VERSION:
+        raise WeightsError(f"feedback weights {path}: format_version {version}, this runtime reads {FORMAT_VERSION}")
+    return meta
+
+
+def load_ilf_weights(path: str | PathLike) -> ILFWeights:
+    """Reads and verifies a weights file (header, JSON fields, tensor checksum)."""
+    from safetensors.torch import load_file
+
+    meta = read_metadata(path)
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:
+        raise WeightsError(f"feedback weights {path}: tensor data unreadable, truncated or corrupted ({e})") from None
+    got = _content_hash(tensors)
+    if meta.get("content_sha256") != got:
+        raise WeightsError(
+            f"feedback weights {path}: content checksum mismatch (expected {str(meta.get('content_sha256'))[:12]}, "
+            f"found {got[:12]}): the file is corrupted"
+        )
+    if not isinstance(meta.get("ilf_config"), dict):
+        raise WeightsError(f"feedback weights {path}: metadata has no ilf_config")
+    try:
+        config = ILFConfig.from_dict(meta["ilf_config"])
+    except (TypeError, ValueError) as e:
+        raise WeightsError(f"feedback weights {path}: invalid ilf_config ({e})") from None
+    return ILFWeights(config=config, tensors=tensors, metadata=meta, path=str(path))
