@@ -1,0 +1,134 @@
+"""`ilf sample` and `ilf info` end to end on tiny models saved with save_pretrained."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ddim_scheduler, dpm_scheduler, prompt_inputs, tiny_dit, tiny_pixart, tiny_text_encoder, tiny_vae
+from PIL import Image
+from safetensors.torch import save_file
+
+from ilf_runtime import ILFConfig, apply_ilf, remove_ilf, save_ilf_weights
+from ilf_runtime.cli import main
+
+
+@pytest.fixture(scope="module")
+def dit_pipeline_dir(tmp_path_factory):
+    from diffusers import DiTPipeline
+
+    path = tmp_path_factory.mktemp("dit_pipe")
+    DiTPipeline(transformer=tiny_dit(num_classes=1000), vae=tiny_vae(), scheduler=dpm_scheduler()).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pixel_dit_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dit_pixel")
+    model = tiny_dit(in_channels=1, learned_sigma=False)
+    model.save_pretrained(path)
+    ddim_scheduler(timestep_spacing="trailing").save_pretrained(path)  # scheduler_config.json beside config.json
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def pixart_pipeline_dir(tmp_path_factory):
+    from diffusers import PixArtAlphaPipeline
+
+    path = tmp_path_factory.mktemp("pixart_pipe")
+    tokenizer, encoder = tiny_text_encoder()
+    PixArtAlphaPipeline(
+        tokenizer=tokenizer, text_encoder=encoder, vae=tiny_vae(), transformer=tiny_pixart(), scheduler=dpm_scheduler()
+    ).save_pretrained(path)
+    return path
+
+
+def _png(path):
+    with Image.open(path) as im:
+        return im.size, im.mode
+
+
+def test_sample_dit_pipeline_with_vae(dit_pipeline_dir, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    rc = main(["sample", "--model", str(dit_pipeline_dir), "--classes", "1,5,999", "--per-class", "2",
+               "--steps", "3", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "6 images, 3 rows x 2" in text and "dpmpp_2m" in text and "images/s" in text
+    (w, h), mode = _png(out)
+    assert mode == "RGB" and w < h  # 2 columns, 3 rows
+
+
+def test_sample_pixel_space_with_weights_and_info(pixel_dit_dir, tmp_path, capsys):
+    path, model = pixel_dit_dir
+    loop = apply_ilf(model, ILFConfig(loop_start=1, loop_end=2, loop_steps="last:2"))
+    with torch.no_grad():
+        loop.scales.fill_(0.2)
+    weights = save_ilf_weights(tmp_path / "fb.safetensors", model, sampler={"solver": "ddim", "num_steps": 4})
+    remove_ilf(model)
+    out = tmp_path / "grid.png"
+    rc = main(["sample", "--model", str(path), "--weights", str(weights), "--classes", "0,1", "--per-class", "3",
+               "--steps", "4", "--guidance", "2.0", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "looped steps 2/4" in text and "ddim" in text
+    assert "22 block evaluations per image" in text  # 4 x 4 blocks + 2 looped steps x (2 + 1)
+    assert _png(out)[1] == "L"
+    assert main(["info", str(weights)]) == 0
+    info = capsys.readouterr().out
+    assert "DiTTransformer2DModel" in info and '"loop_steps": "last:2"' in info and '"num_steps": 4' in info
+
+
+def test_sample_pixart_prompts_and_embeds(pixart_pipeline_dir, tmp_path, capsys):
+    out = tmp_path / "px.png"
+    rc = main(["sample", "--model", str(pixart_pipeline_dir), "--prompt", "a red cat", "--prompt", "a blue dog",
+               "--per-class", "1", "--steps", "2", "--out", str(out), "--no-progress"])
+    assert rc == 0 and "2 images" in capsys.readouterr().out
+    emb, mask, neg, nmask = prompt_inputs(2)
+    embeds = tmp_path / "embeds.safetensors"
+    save_file({"prompt_embeds": emb, "prompt_attention_mask": mask, "negative_prompt_embeds": neg,
+               "negative_prompt_attention_mask": nmask}, str(embeds))
+    rc = main(["sample", "--model", str(pixart_pipeline_dir), "--prompt-embeds", str(embeds), "--per-class", "2",
+               "--steps", "2", "--out", str(out), "--no-progress"])
+    assert rc == 0 and "4 images, 2 rows x 2" in capsys.readouterr().out
+
+
+def _exit_code(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    return e.value.code, capsys.readouterr().err
+
+
+def test_usage_errors_are_one_line(pixel_dit_dir, tmp_path, capsys):
+    path, _ = pixel_dit_dir
+    code, err = _exit_code(["sample", "--model", str(tmp_path / "missing")], capsys)
+    assert code == 2 and "not a directory and not a built-in name" in err and "Traceback" not in err
+    code, err = _exit_code(["sample", "--model", str(path), "--classes", "12"], capsys)
+    assert code == 2 and "this model has classes 0..9" in err
+    code, err = _exit_code(["sample", "--model", str(path), "--steps", "0"], capsys)
+    assert code == 2 and "positive integer" in err
+    code, err = _exit_code(["sample", "--model", str(path), "--prompt", "a cat"], capsys)
+    assert code == 2 and "use --classes" in err
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file at all")
+    code, err = _exit_code(["sample", "--model", str(path), "--weights", str(bad)], capsys)
+    assert code == 2 and "not a readable safetensors file" in err
+    code, err = _exit_code(["info", str(bad)], capsys)
+    assert code == 2 and "not a readable safetensors file" in err
+    code, err = _exit_code(["frobnicate"], capsys)
+    assert code == 2 and "invalid choice" in err
+
+
+def test_python_dash_m_and_builtin_model(tmp_path):
+    out = tmp_path / "tiny.png"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    r = subprocess.run(
+        [sys.executable, "-m", "ilf_runtime", "sample", "--model", "tiny-random", "--classes", "0,1",
+         "--per-class", "2", "--steps", "2", "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "random weights" in r.stdout and out.is_file()
