@@ -8,7 +8,15 @@ import sys
 
 import pytest
 import torch
-from conftest import ddim_scheduler, dpm_scheduler, prompt_inputs, tiny_dit, tiny_pixart, tiny_text_encoder, tiny_vae
+from conftest import (
+    ddim_scheduler,
+    dpm_scheduler,
+    prompt_inputs,
+    tiny_dit,
+    tiny_pixart,
+    tiny_text_encoder,
+    tiny_vae,
+)
 from PIL import Image
 from safetensors.torch import save_file
 

@@ -1,0 +1,264 @@
+"""The compiled ``torch.ops.ilf`` kernels against their PyTorch references (CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ilf_runtime import ops
+from ilf_runtime._ext import ext_status, has_ext
+
+needs_ext = pytest.mark.skipif(
+    not has_ext(),
+    reason=f"ilf_runtime._C not loaded ({ext_status()['reason']}); build it with "
+    "`pip install --no-build-isolation -e .`",
+)
+
+# (B, T, D): tiny; D not a multiple of 16 (vector tails); more than one parallel task.
+SHAPES = [(2, 5, 16), (3, 7, 72), (4, 64, 160)]
+EPS = 1e-6
+
+
+def _randn(*shape: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).to(dtype)
+
+
+def _inject_inputs(shape, s_kind: str, dtype=torch.float32, s_dtype=None, seed=0):
+    b, t, d = shape
+    h = _randn(b, t, d, seed=seed, dtype=dtype)
+    f = _randn(b, t, d, seed=seed + 1, dtype=dtype)
+    s_shape = () if s_kind == "scalar" else (d,)
+    s = (0.5 * _randn(*s_shape, seed=seed + 2)).to(s_dtype or dtype)
+    return h, f, s
+
+
+def _ada_inputs(shape, mod_kind: str, dtype=torch.float32, seed=0):
+    b, t, d = shape
+    x = 2.0 + 3.0 * _randn(b, t, d, seed=seed, dtype=torch.float32)  # mean and variance far from 0, 1
+    mod_shape = (b, d) if mod_kind == "BD" else (b, 1, d)
+    shift = _randn(*mod_shape, seed=seed + 1)
+    scale = 0.3 * _randn(*mod_shape, seed=seed + 2)
+    return x.to(dtype), shift.to(dtype), scale.to(dtype)
+
+
+def _max_err(out: torch.Tensor, ref64: torch.Tensor) -> float:
+    return (out.double() - ref64).abs().max().item()
+
+
+# ---------------------------------------------------------------------------------------------
+# References (always run)
+
+
+@pytest.mark.parametrize("s_kind", ["scalar", "channel"])
+def test_feedback_inject_ref_matches_formula(s_kind):
+    h, f, s = _inject_inputs((2, 3, 8), s_kind, dtype=torch.float64)
+    torch.testing.assert_close(ops.feedback_inject_ref(h, f, s), h + s * f, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mod_kind", ["BD", "B1D"])
+def test_ada_layernorm_ref_matches_formula(mod_kind):
+    x, shift, scale = _ada_inputs((2, 3, 8), mod_kind, dtype=torch.float64)
+    mean = x.mean(-1, keepdim=True)
+    var = x.var(-1, unbiased=False, keepdim=True)
+    want = (x - mean) / torch.sqrt(var + EPS) * (1 + scale.reshape(2, 1, 8)) + shift.reshape(2, 1, 8)
+    torch.testing.assert_close(ops.ada_layernorm_ref(x, shift, scale, EPS), want, rtol=1e-10, atol=1e-10)
+
+
+def test_public_ops_under_autograd_use_reference():
+    h, f, s = _inject_inputs((2, 3, 8), "channel")
+    s.requires_grad_(True)
+    assert not ops._use_ext("feedback_inject", h, f, s)
+    ops.feedback_inject(h, f, s).sum().backward()
+    torch.testing.assert_close(s.grad, f.sum((0, 1)))
+    x, shift, scale = _ada_inputs((2, 3, 8), "BD")
+    x.requires_grad_(True)
+    ops.ada_layernorm(x, shift, scale, EPS).sum().backward()
+    assert x.grad is not None
+
+
+def test_dispatch_follows_prefer_table(monkeypatch):
+    h, f, s = _inject_inputs((2, 3, 8), "scalar")
+    for prefer in (True, False):
+        monkeypatch.setitem(ops._PREFER_EXT, ("feedback_inject", "cpu", torch.float32), prefer)
+        assert ops._use_ext("feedback_inject", h, f, s) == (prefer and has_ext())
+    h64, f64, s64 = _inject_inputs((2, 3, 8), "scalar", dtype=torch.float64)
+    assert not ops._use_ext("feedback_inject", h64, f64, s64)  # no kernel for float64
+    with torch.device("meta"):
+        assert not ops._use_ext("feedback_inject", torch.empty(2, 3, 8), torch.empty(2, 3, 8), torch.empty(()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels against references
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("s_kind", ["scalar", "channel"])
+def test_feedback_inject_fp32(shape, s_kind):
+    h, f, s = _inject_inputs(shape, s_kind)
+    out = torch.ops.ilf.feedback_inject(h, f, s)
+    torch.testing.assert_close(out, ops.feedback_inject_ref(h, f, s), rtol=1e-5, atol=1e-6)
+    assert out.dtype == h.dtype and out.is_contiguous()
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("mod_kind", ["BD", "B1D"])
+def test_ada_layernorm_fp32(shape, mod_kind):
+    x, shift, scale = _ada_inputs(shape, mod_kind)
+    out = torch.ops.ilf.ada_layernorm(x, shift, scale, EPS)
+    torch.testing.assert_close(out, ops.ada_layernorm_ref(x, shift, scale, EPS), rtol=1e-5, atol=1e-5)
+    assert out.dtype == x.dtype and out.is_contiguous()
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("s_kind", ["scalar", "channel"])
+def test_feedback_inject_low_precision(dtype, shape, s_kind):
+    """Error against fp64 at most twice that of the eager reference in the same dtype."""
+    h, f, s = _inject_inputs(shape, s_kind, dtype=dtype)
+    ref64 = ops.feedback_inject_ref(h.double(), f.double(), s.double())
+    out = torch.ops.ilf.feedback_inject(h, f, s)
+    assert out.dtype == dtype
+    assert _max_err(out, ref64) <= 2 * _max_err(ops.feedback_inject_ref(h, f, s), ref64) + 1e-6
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("mod_kind", ["BD", "B1D"])
+def test_ada_layernorm_low_precision(dtype, shape, mod_kind):
+    x, shift, scale = _ada_inputs(shape, mod_kind, dtype=dtype)
+    ref64 = ops.ada_layernorm_ref(x.double(), shift.double(), scale.double(), EPS)
+    out = torch.ops.ilf.ada_layernorm(x, shift, scale, EPS)
+    assert out.dtype == dtype
+    assert _max_err(out, ref64) <= 2 * _max_err(ops.ada_layernorm_ref(x, shift, scale, EPS), ref64) + 1e-6
+
+
+@needs_ext
+@pytest.mark.parametrize("s_dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_feedback_inject_scale_dtypes(s_dtype):
+    h, f, s = _inject_inputs((2, 5, 24), "channel", s_dtype=s_dtype)
+    torch.testing.assert_close(
+        torch.ops.ilf.feedback_inject(h, f, s), ops.feedback_inject_ref(h, f, s), rtol=1e-5, atol=1e-6
+    )
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_feedback_inject_zero_scale_is_identity(dtype):
+    h, f, _ = _inject_inputs((2, 5, 40), "scalar", dtype=dtype)
+    assert torch.equal(torch.ops.ilf.feedback_inject(h, f, torch.zeros(())), h)
+    assert torch.equal(torch.ops.ilf.feedback_inject(h, f, torch.zeros(40, dtype=dtype)), h)
+
+
+@needs_ext
+def test_non_contiguous_inputs():
+    b, t, d = 3, 7, 40
+    h = _randn(b, d, t, seed=0).transpose(1, 2)  # (B, T, D), strided
+    f = _randn(b, t, 2 * d, seed=1)[..., ::2]
+    s = _randn(2 * d, seed=2)[::2]
+    assert not (h.is_contiguous() or f.is_contiguous() or s.is_contiguous())
+    out = torch.ops.ilf.feedback_inject(h, f, s)
+    torch.testing.assert_close(out, ops.feedback_inject_ref(h, f, s), rtol=1e-5, atol=1e-6)
+    assert out.is_contiguous()
+
+    x = _randn(b, d, t, seed=3).transpose(1, 2)
+    shift, scale, *_ = _randn(b, 6 * d, seed=4).chunk(6, dim=1)  # as DiT splits its embedding
+    out = torch.ops.ilf.ada_layernorm(x, shift, scale, EPS)
+    torch.testing.assert_close(out, ops.ada_layernorm_ref(x, shift, scale, EPS), rtol=1e-5, atol=1e-5)
+
+
+@needs_ext
+def test_empty_inputs():
+    h = torch.empty(0, 3, 8)
+    assert torch.ops.ilf.feedback_inject(h, h, torch.ones(())).shape == (0, 3, 8)
+    assert torch.ops.ilf.ada_layernorm(h, torch.zeros(0, 8), torch.zeros(0, 8), EPS).shape == (0, 3, 8)
+
+
+@needs_ext
+def test_public_ops_agree_with_reference_either_way(monkeypatch):
+    h, f, s = _inject_inputs((2, 5, 24), "channel")
+    x, shift, scale = _ada_inputs((2, 5, 24), "B1D")
+    for prefer in (True, False):
+        for key in list(ops._PREFER_EXT):
+            monkeypatch.setitem(ops._PREFER_EXT, key, prefer)
+        torch.testing.assert_close(ops.feedback_inject(h, f, s), ops.feedback_inject_ref(h, f, s))
+        torch.testing.assert_close(
+            ops.ada_layernorm(x, shift, scale, EPS), ops.ada_layernorm_ref(x, shift, scale, EPS), rtol=1e-5, atol=1e-5
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks: the kernels and the references reject bad input with the same message
+
+_r = _randn
+BAD_INPUTS = [
+    ("feedback_inject", lambda: (_r(2, 3, 8, seed=0), _r(2, 3, 8, seed=1), _r(3, 4, seed=2)),
+     r"ilf::feedback_inject: s must be 0-dim or shape \(D,\)=\(8,\), got \(3, 4\)"),
+    ("feedback_inject", lambda: (_r(2, 3, 8, seed=0), _r(2, 3, 9, seed=1), _r(seed=2)),
+     r"ilf::feedback_inject: f must have shape \(B, T, D\)=\(2, 3, 8\), got \(2, 3, 9\)"),
+    ("feedback_inject", lambda: (_r(3, 8, seed=0), _r(3, 8, seed=1), _r(seed=2)),
+     r"ilf::feedback_inject: h must have shape \(B, T, D\), got \(3, 8\)"),
+    ("feedback_inject", lambda: (_r(2, 3, 8, seed=0), _r(2, 3, 8, seed=1, dtype=torch.bfloat16), _r(seed=2)),
+     r"ilf::feedback_inject: f must have the dtype of h \(float32\), got bfloat16"),
+    ("feedback_inject", lambda: (_r(2, 3, 8, seed=0), _r(2, 3, 8, seed=1), torch.ones((), dtype=torch.long)),
+     r"ilf::feedback_inject: s must be a floating-point tensor, got int64"),
+    ("ada_layernorm", lambda: (_r(3, 8, seed=0), _r(3, 8, seed=1), _r(3, 8, seed=2), EPS),
+     r"ilf::ada_layernorm: x must have shape \(B, T, D\), got \(3, 8\)"),
+    ("ada_layernorm", lambda: (_r(2, 3, 8, seed=0), _r(3, 8, seed=1), _r(2, 8, seed=2), EPS),
+     r"ilf::ada_layernorm: shift must have shape \(B, D\)=\(2, 8\) or \(B, 1, D\)=\(2, 1, 8\), got \(3, 8\)"),
+    ("ada_layernorm", lambda: (_r(2, 3, 8, seed=0), _r(2, 8, seed=1), _r(2, 2, 8, seed=2), EPS),
+     r"ilf::ada_layernorm: scale must have shape \(B, D\)=\(2, 8\) or \(B, 1, D\)=\(2, 1, 8\), got \(2, 2, 8\)"),
+    ("ada_layernorm", lambda: (_r(2, 3, 8, seed=0), _r(2, 8, seed=1), _r(2, 8, seed=2), -1.0),
+     r"ilf::ada_layernorm: eps must be >= 0, got -1"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("impl", ["ext", "ref"])
+@pytest.mark.parametrize("op,make,msg", BAD_INPUTS, ids=[f"{c[0]}-{i}" for i, c in enumerate(BAD_INPUTS)])
+def test_bad_inputs_named_errors(impl, op, make, msg):
+    if impl == "ext" and not has_ext():
+        pytest.skip("ilf_runtime._C not loaded")
+    fn = getattr(torch.ops.ilf, op) if impl == "ext" else getattr(ops, f"{op}_ref")
+    with pytest.raises(RuntimeError if impl == "ext" else ValueError, match=msg):
+        fn(*make())
+
+
+@needs_ext
+def test_kernel_rejects_float64_with_named_error():
+    h = torch.zeros(1, 2, 4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"h must be float32, bfloat16 or float16, got float64"):
+        torch.ops.ilf.feedback_inject(h, h, torch.ones(()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake (meta) implementations
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(dtype):
+    tests = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    for s_kind in ("scalar", "channel"):
+        torch.library.opcheck(torch.ops.ilf.feedback_inject.default, _inject_inputs((2, 5, 24), s_kind, dtype), test_utils=tests)
+    for mod_kind in ("BD", "B1D"):
+        args = (*_ada_inputs((2, 5, 24), mod_kind, dtype), EPS)
+        torch.library.opcheck(torch.ops.ilf.ada_layernorm.default, args, test_utils=tests)
+
+
+@needs_ext
+def test_meta_and_fake_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    out = torch.ops.ilf.feedback_inject(*(t.to("meta") for t in _inject_inputs((2, 5, 24), "channel")))
+    assert out.device.type == "meta" and out.shape == (2, 5, 24)
+    with FakeTensorMode():
+        x = torch.empty(4, 6, 32, dtype=torch.bfloat16)
+        out = torch.ops.ilf.ada_layernorm(x, torch.empty(4, 32), torch.empty(4, 1, 32), EPS)
+        assert out.shape == x.shape and out.dtype == x.dtype
+        with pytest.raises(ValueError, match=r"shift must have shape \(B, D\)=\(4, 32\)"):
+            torch.ops.ilf.ada_layernorm(x, torch.empty(3, 32), torch.empty(4, 32), EPS)
+
