@@ -20,13 +20,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ILFConfig",
-    "apply_ilf",
-    "remove_ilf",
-    "get_ilf",
-    "save_ilf_weights",
-    "load_ilf_weights",
-    "sample",
-    "load_model",
-    "ext_status",
     "__version__",
+    "apply_ilf",
+    "ext_status",
+    "get_ilf",
+    "load_ilf_weights",
+    "load_model",
+    "remove_ilf",
+    "sample",
+    "save_ilf_weights",
 ]

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ILFConfig", "parse_step_spec", "SCALE_SHAPES"]
+__all__ = ["SCALE_SHAPES", "ILFConfig", "parse_step_spec"]
 
 SCALE_SHAPES = ("block", "channel")
 

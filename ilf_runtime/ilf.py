@@ -31,13 +31,13 @@ from ilf_runtime.config import ILFConfig
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "SUPPORTED_MODELS",
     "FeedbackLoop",
     "apply_ilf",
-    "remove_ilf",
+    "build_feedback_block",
     "get_ilf",
     "model_kind",
-    "build_feedback_block",
-    "SUPPORTED_MODELS",
+    "remove_ilf",
 ]
 
 ATTR = "ilf_loop"

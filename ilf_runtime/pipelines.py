@@ -27,7 +27,7 @@ from ilf_runtime.sampling import denoise, dit_conditioning, make_noise, pixart_c
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Model", "load_model", "sample", "SampleOutput", "MODEL_NAMES", "DEFAULT_SCHEDULER", "to_model"]
+__all__ = ["DEFAULT_SCHEDULER", "MODEL_NAMES", "Model", "SampleOutput", "load_model", "sample", "to_model"]
 
 # Bare transformers without a scheduler config get DDIM on DiT's linear beta schedule, with
 # trailing spacing so that coarse step grids are subsets of finer ones.
@@ -332,10 +332,7 @@ def sample(
             remove_ilf(m.transformer)
 
     num_layers = len(m.transformer.transformer_blocks)
-    evals = num_layers * num_steps
-    if loop is not None:
-        c = loop.config
-        evals += sum(mask) * c.loop_iters * (c.num_loop_blocks + 1)
+    evals = num_layers * num_steps if loop is None else loop.config.block_evals(num_layers, num_steps, loop_steps)
     info = {
         "model": m.name or type(m.transformer).__name__,
         "kind": m.kind,

@@ -25,7 +25,7 @@ from ilf_runtime.ilf import get_ilf, model_kind
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Conditioning", "denoise", "make_noise", "dit_conditioning", "pixart_conditioning"]
+__all__ = ["Conditioning", "denoise", "dit_conditioning", "make_noise", "pixart_conditioning"]
 
 
 @dataclass

@@ -29,7 +29,7 @@ from torch import nn
 
 from ilf_runtime.config import ILFConfig
 
-__all__ = ["ILFWeights", "save_ilf_weights", "load_ilf_weights", "backbone_fingerprint", "WeightsError"]
+__all__ = ["ILFWeights", "WeightsError", "backbone_fingerprint", "load_ilf_weights", "save_ilf_weights"]
 
 FORMAT = "ilf-feedback"
 FORMAT_VERSION = 1

@@ -56,7 +56,13 @@ def _probe(prelude: str = "", **env: str) -> dict:
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
     code = textwrap.dedent(prelude) + PROBE
     res = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code],
+        check=False,
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout.strip().splitlines()[-1])

@@ -53,7 +53,7 @@ def test_kernels_include_no_torch_headers(src):
         if path in seen:
             continue
         seen.add(path)
-        for inc in re.findall(r'^\s*#\s*include\s*[<"]([^>"]+)[>"]', path.read_text(), re.M):
+        for inc in re.findall(r'^\s*#\s*include\s*[<"]([^>"]+)[>"]', path.read_text(), re.MULTILINE):
             assert not inc.startswith(("torch/", "ATen/", "c10/", "pybind11/")), f"{path.name} includes {inc}"
             local = path.parent / inc
             if local.is_file():
@@ -67,6 +67,6 @@ def test_nvcc_compiles(src, torch_flags, tmp_path):
     cmd = [NVCC, "-O3", ARCH, "-c", str(ROOT / src), "-o", str(tmp_path / "k.o")]
     if torch_flags:
         cmd[1:1] = TORCH_NVCC_FLAGS
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "warning" not in res.stderr.lower(), res.stderr

@@ -85,7 +85,9 @@ def test_dispatch_follows_prefer_table(monkeypatch):
     h64, f64, s64 = _inject_inputs((2, 3, 8), "scalar", dtype=torch.float64)
     assert not ops._use_ext("feedback_inject", h64, f64, s64)  # no kernel for float64
     with torch.device("meta"):
-        assert not ops._use_ext("feedback_inject", torch.empty(2, 3, 8), torch.empty(2, 3, 8), torch.empty(()))
+        assert not ops._use_ext(
+            "feedback_inject", torch.empty(2, 3, 8), torch.empty(2, 3, 8), torch.empty(())
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +189,10 @@ def test_public_ops_agree_with_reference_either_way(monkeypatch):
             monkeypatch.setitem(ops._PREFER_EXT, key, prefer)
         torch.testing.assert_close(ops.feedback_inject(h, f, s), ops.feedback_inject_ref(h, f, s))
         torch.testing.assert_close(
-            ops.ada_layernorm(x, shift, scale, EPS), ops.ada_layernorm_ref(x, shift, scale, EPS), rtol=1e-5, atol=1e-5
+            ops.ada_layernorm(x, shift, scale, EPS),
+            ops.ada_layernorm_ref(x, shift, scale, EPS),
+            rtol=1e-5,
+            atol=1e-5,
         )
 
 
@@ -243,7 +248,9 @@ def test_kernel_rejects_float64_with_named_error():
 def test_opcheck(dtype):
     tests = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
     for s_kind in ("scalar", "channel"):
-        torch.library.opcheck(torch.ops.ilf.feedback_inject.default, _inject_inputs((2, 5, 24), s_kind, dtype), test_utils=tests)
+        torch.library.opcheck(
+            torch.ops.ilf.feedback_inject.default, _inject_inputs((2, 5, 24), s_kind, dtype), test_utils=tests
+        )
     for mod_kind in ("BD", "B1D"):
         args = (*_ada_inputs((2, 5, 24), mod_kind, dtype), EPS)
         torch.library.opcheck(torch.ops.ilf.ada_layernorm.default, args, test_utils=tests)
@@ -262,3 +269,85 @@ def test_meta_and_fake_tensors():
         with pytest.raises(ValueError, match=r"shift must have shape \(B, D\)=\(4, 32\)"):
             torch.ops.ilf.ada_layernorm(x, torch.empty(3, 32), torch.empty(4, 32), EPS)
 
+
+# ---------------------------------------------------------------------------------------------
+# CUDA kernels (marked; skipped without a GPU; CUDA is only touched inside the tests)
+
+
+def _cuda_ops_or_skip() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    if not ext_status()["cuda_ops"]:
+        pytest.skip("ilf_runtime._C was built without CUDA kernels (ILF_CUDA_BUILD)")
+
+
+def _check_against_ref(out, ref_fn, args, dtype):
+    ref = ref_fn(*args)
+    assert out.dtype == ref.dtype and out.shape == ref.shape and out.is_contiguous()
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    ref64 = ref_fn(*(a.double() if isinstance(a, torch.Tensor) else a for a in args))
+    assert _max_err(out, ref64) <= 2 * _max_err(ref, ref64) + 1e-6
+
+
+# D = 13: unaligned rows (one element per access); 9000: rows too long for the shared-memory cache.
+CUDA_SHAPES = [(2, 5, 16), (3, 7, 72), (2, 3, 13), (4, 64, 1152), (2, 3, 9000)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", CUDA_SHAPES)
+@pytest.mark.parametrize("s_kind", ["scalar", "channel"])
+@pytest.mark.parametrize("s_fp32", [False, True])
+def test_cuda_feedback_inject(dtype, shape, s_kind, s_fp32):
+    _cuda_ops_or_skip()
+    h, f, s = (t.cuda() for t in _inject_inputs(shape, s_kind, dtype, torch.float32 if s_fp32 else None))
+    _check_against_ref(torch.ops.ilf.feedback_inject(h, f, s), ops.feedback_inject_ref, (h, f, s), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", CUDA_SHAPES)
+@pytest.mark.parametrize("mod_kind", ["BD", "B1D"])
+def test_cuda_ada_layernorm(dtype, shape, mod_kind):
+    _cuda_ops_or_skip()
+    x, shift, scale = (t.cuda() for t in _ada_inputs(shape, mod_kind, dtype))
+    args = (x, shift, scale, EPS)
+    _check_against_ref(torch.ops.ilf.ada_layernorm(*args), ops.ada_layernorm_ref, args, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_strided_and_misaligned(dtype):
+    _cuda_ops_or_skip()
+    b, t, d = 3, 7, 64
+    h = _randn(b * t * d + 1, seed=0, dtype=dtype).cuda()[1:].view(b, t, d)  # not 16-byte aligned
+    f = _randn(b, d, t, seed=1, dtype=dtype).cuda().transpose(1, 2)
+    s = _randn(2 * d, seed=2, dtype=dtype).cuda()[::2]
+    _check_against_ref(torch.ops.ilf.feedback_inject(h, f, s), ops.feedback_inject_ref, (h, f, s), dtype)
+    shift, scale, *_ = _randn(b, 6 * d, seed=3, dtype=dtype).cuda().chunk(6, dim=1)  # row stride 6 * D
+    args = (h, shift, scale.float(), EPS)  # mixed modulation dtypes are read in fp32
+    _check_against_ref(torch.ops.ilf.ada_layernorm(*args), ops.ada_layernorm_ref, args, dtype)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_equals_eager():
+    _cuda_ops_or_skip()
+    h, f, s = (t.cuda() for t in _inject_inputs((4, 64, 256), "channel", torch.bfloat16))
+    _, shift, scale = (t.cuda() for t in _ada_inputs((4, 64, 256), "BD", torch.bfloat16))
+
+    def run():
+        return torch.ops.ilf.ada_layernorm(torch.ops.ilf.feedback_inject(h, f, s), shift, scale, EPS)
+
+    want = run()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out.clone(), want, rtol=0, atol=0)

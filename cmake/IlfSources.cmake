@@ -1,0 +1,21 @@
+# ilf_read_sources(<section> <out_var>): absolute paths of the sources listed under [<section>]
+# in csrc/sources.txt, the list that setup.py reads too.
+get_filename_component(ILF_ROOT "${CMAKE_CURRENT_LIST_DIR}/.." ABSOLUTE)
+set(ILF_SOURCES_TXT "${ILF_ROOT}/csrc/sources.txt")
+set_property(DIRECTORY APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS "${ILF_SOURCES_TXT}")
+
+function(ilf_read_sources section out_var)
+  file(STRINGS "${ILF_SOURCES_TXT}" lines)
+  set(current "")
+  set(result "")
+  foreach(line IN LISTS lines)
+    string(REGEX REPLACE "#.*$" "" line "${line}")
+    string(STRIP "${line}" line)
+    if(line MATCHES "^\\[(.+)\\]$")
+      set(current "${CMAKE_MATCH_1}")
+    elseif(NOT line STREQUAL "" AND current STREQUAL section)
+      list(APPEND result "${ILF_ROOT}/${line}")
+    endif()
+  endforeach()
+  set(${out_var} "${result}" PARENT_SCOPE)
+endfunction()

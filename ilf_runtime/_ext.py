@@ -1,0 +1,67 @@
+"""Soft loading of the compiled extension ``ilf_runtime._C`` (internal).
+
+The extension is optional: when it is missing, fails to load, or ``ILF_DISABLE_EXT=1`` is set,
+every op falls back to its pure-PyTorch reference in `ilf_runtime.ops`, and the reason is kept
+for `ext_status`. Loading never initialises CUDA: whether CUDA kernels exist is read from a flag
+compiled into the extension, not from the device.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+DISABLE_ENV = "ILF_DISABLE_EXT"
+
+_status: dict[str, Any] | None = None
+
+
+def _load() -> dict[str, Any]:
+    global _status
+    if _status is not None:
+        return _status
+    disabled = os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    status: dict[str, Any] = {
+        "loaded": False,
+        "reason": None,
+        "path": None,
+        "cuda_ops": False,
+        "disabled_by_env": disabled,
+    }
+    if disabled:
+        status["reason"] = f"disabled by {DISABLE_ENV}={os.environ[DISABLE_ENV]}"
+    else:
+        try:
+            import torch  # noqa: F401  (loads libtorch/libc10, which _C links against)
+
+            mod = importlib.import_module("ilf_runtime._C")
+        # ImportError (not built), OSError / undefined symbols (ABI mismatch), RuntimeError (ops
+        # registered twice): none of them may break `import ilf_runtime`.
+        except Exception as e:  # noqa: BLE001
+            status["reason"] = f"{type(e).__name__}: {e}"
+        else:
+            status.update(loaded=True, path=getattr(mod, "__file__", None), cuda_ops=bool(mod.with_cuda))
+    if not status["loaded"]:
+        logger.debug("ilf_runtime._C not used (%s); ops run their PyTorch references", status["reason"])
+    _status = status
+    return status
+
+
+def ext_status() -> dict[str, Any]:
+    """What the compiled extension loaded, or why not.
+
+    Returns:
+        ``{"loaded": bool, "reason": str | None, "path": str | None, "cuda_ops": bool,
+        "disabled_by_env": bool}``; ``reason`` says why the extension is not used, ``cuda_ops``
+        whether it was built with CUDA kernels.
+    """
+    return dict(_load())
+
+
+def has_ext() -> bool:
+    """True when ``ilf_runtime._C`` loaded and registered the ``torch.ops.ilf`` ops."""
+    return bool(_load()["loaded"])
