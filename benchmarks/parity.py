@@ -22,14 +22,18 @@ from ilf_runtime._parity import SCHEDULERS, dit_parity, pixart_parity
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "parity"), help="output path stem")
+    ap.add_argument(
+        "--out", default=str(Path(__file__).parent / "results" / "parity"), help="output path stem"
+    )
     args = ap.parse_args(argv)
     rows = []
     for steps in (3, 7, 20):
@@ -69,8 +73,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{r.magnitude:.1f} | {r.relative:.1e} |"
         )
     worst = max(rows, key=lambda r: r.relative)
-    lines += ["", f"Worst case: {worst.model} {worst.scheduler} g={worst.guidance} {worst.steps} steps, "
-              f"relative {worst.relative:.1e}; max abs diff over all rows {max(r.max_abs_diff for r in rows):.2e}."]
+    worst_abs = max(r.max_abs_diff for r in rows)
+    lines += [
+        "",
+        (
+            f"Worst case: {worst.model} {worst.scheduler} g={worst.guidance} {worst.steps} steps, "
+            f"relative {worst.relative:.1e}; max abs diff over all rows {worst_abs:.2e}."
+        ),
+    ]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -73,7 +73,9 @@ def pixart_parity(scheduler: str, guidance: float, steps: int) -> Parity:
     from diffusers import PixArtAlphaPipeline
 
     transformer, sched = tiny_pixart(), SCHEDULERS[scheduler]()
-    pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=tiny_vae(), transformer=transformer, scheduler=sched)
+    pipe = PixArtAlphaPipeline(
+        tokenizer=None, text_encoder=None, vae=tiny_vae(), transformer=transformer, scheduler=sched
+    )
     emb, mask, neg, nmask = prompt_inputs(2)
     with torch.no_grad():
         ref = pipe(
@@ -92,4 +94,6 @@ def pixart_parity(scheduler: str, guidance: float, steps: int) -> Parity:
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     cond = pixart_conditioning(transformer, emb, mask, neg, nmask, height=16, width=16)
     ours = denoise(transformer, noise, make_solver(sched, steps), cond, guidance_scale=guidance)
-    return Parity("PixArt", scheduler, guidance, steps, (ours - ref).abs().max().item(), ref.abs().max().item())
+    return Parity(
+        "PixArt", scheduler, guidance, steps, (ours - ref).abs().max().item(), ref.abs().max().item()
+    )

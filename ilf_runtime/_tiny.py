@@ -12,7 +12,13 @@ NUM_CLASSES = 10
 CAPTION_CHANNELS = 12
 
 
-def tiny_dit(num_layers: int = 4, learned_sigma: bool = True, in_channels: int = 4, num_classes: int = NUM_CLASSES, seed=0):
+def tiny_dit(
+    num_layers: int = 4,
+    learned_sigma: bool = True,
+    in_channels: int = 4,
+    num_classes: int = NUM_CLASSES,
+    seed=0,
+):
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(seed)
@@ -85,16 +91,20 @@ def tiny_text_encoder():
     words = ["<pad>", "</s>", "<unk>", "a", "red", "blue", "cat", "dog", "on", "the", "grass", "photo", "of"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
     torch.manual_seed(0)
-    cfg = T5Config(vocab_size=len(words), d_model=CAPTION_CHANNELS, d_kv=4, d_ff=16, num_layers=1, num_heads=2)
+    cfg = T5Config(
+        vocab_size=len(words), d_model=CAPTION_CHANNELS, d_kv=4, d_ff=16, num_layers=1, num_heads=2
+    )
     return tokenizer, T5EncoderModel(cfg).eval()
 
 
 def ddim_scheduler(**kw):
     from diffusers import DDIMScheduler
 
-    cfg = dict(beta_schedule="linear", clip_sample=False, set_alpha_to_one=False)
+    cfg = {"beta_schedule": "linear", "clip_sample": False, "set_alpha_to_one": False}
     cfg.update(kw)
     return DDIMScheduler(**cfg)
 

@@ -40,22 +40,32 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ilf", description="Fast DiT / PixArt sampling with Inner Loop Feedback.")
+    p = argparse.ArgumentParser(
+        prog="ilf", description="Fast DiT / PixArt sampling with Inner Loop Feedback."
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     s = sub.add_parser("sample", help="sample an image grid", description="Sample images into a PNG grid.")
-    s.add_argument("--model", required=True, help="model directory (diffusers pipeline or transformer) or built-in name")
+    s.add_argument(
+        "--model", required=True, help="model directory (diffusers pipeline or transformer) or built-in name"
+    )
     s.add_argument("--weights", help="feedback weights file (.safetensors) to apply")
-    s.add_argument("--classes", type=_int_list, help="DiT class ids, e.g. 0,1,2 (default: all classes, up to 10)")
+    s.add_argument(
+        "--classes", type=_int_list, help="DiT class ids, e.g. 0,1,2 (default: all classes, up to 10)"
+    )
     s.add_argument("--per-class", type=_positive, default=4, help="images per class or prompt (default 4)")
     s.add_argument("--prompt", action="append", help="PixArt prompt (repeatable)")
-    s.add_argument("--prompt-embeds", help="safetensors file with prompt_embeds [, prompt_attention_mask, negative_*]")
+    s.add_argument(
+        "--prompt-embeds", help="safetensors file with prompt_embeds [, prompt_attention_mask, negative_*]"
+    )
     s.add_argument("--steps", type=_positive, default=20, help="solver steps (default 20)")
     s.add_argument("--solver", choices=["ddim", "dpmpp_2m"], help="default: the model's scheduler")
     s.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's)")
     s.add_argument("--seed", type=int, default=0, help="first noise seed; image i uses seed + i")
-    s.add_argument("--loop-steps", help="steps that run the loop: all, none, first:K, last:K, every:K or 5,7,9")
+    s.add_argument(
+        "--loop-steps", help="steps that run the loop: all, none, first:K, last:K, every:K or 5,7,9"
+    )
     s.add_argument("--batch-size", type=_positive, help="images per forward batch (default all)")
     s.add_argument("--device", default="cpu", help="torch device (default cpu)")
     s.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
@@ -68,11 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_embeds(path: str) -> dict[str, Any]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
         d = load_file(path)
-    except Exception as e:
+    except (SafetensorError, OSError) as e:
         raise UsageError(f"--prompt-embeds {path}: cannot read ({e})") from None
     if "prompt_embeds" not in d:
         raise UsageError(f"--prompt-embeds {path}: no 'prompt_embeds' tensor (found {sorted(d)})")
@@ -106,7 +117,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
             raise UsageError("this is a text-to-image PixArt model: use --prompt or --prompt-embeds")
         if args.prompt_embeds:
             d = _load_embeds(args.prompt_embeds)
-            for k in ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask"):
+            for k in (
+                "prompt_embeds",
+                "prompt_attention_mask",
+                "negative_prompt_embeds",
+                "negative_prompt_attention_mask",
+            ):
                 if k in d:
                     kw[k] = d[k].repeat_interleave(n, dim=0)
             nrow_labels = list(range(d["prompt_embeds"].shape[0]))
@@ -130,7 +146,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     path = save_grid(out.images, args.out, nrow=n)
     info = out.info
     count = len(out.seeds)
-    ilf_desc = "off" if info["ilf"] is None else f"{args.weights} (looped steps {sum(info['loop_mask'])}/{args.steps})"
+    ilf_desc = (
+        "off"
+        if info["ilf"] is None
+        else f"{args.weights} (looped steps {sum(info['loop_mask'])}/{args.steps})"
+    )
     print(
         f"wrote {path}: {count} images, {len(nrow_labels)} rows x {n} ({model.kind}, {info['solver']}, "
         f"{args.steps} steps, guidance {info['guidance_scale']}, ILF {ilf_desc})"
@@ -151,13 +171,22 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"format: {meta['format']} v{meta['format_version']}")
     print(f"backbone: {meta['backbone_class']} (fingerprint {meta['backbone_fingerprint'][:16]})")
     bc = meta.get("backbone_config") or {}
-    keys = ("num_layers", "num_attention_heads", "attention_head_dim", "sample_size", "patch_size", "in_channels")
+    keys = (
+        "num_layers",
+        "num_attention_heads",
+        "attention_head_dim",
+        "sample_size",
+        "patch_size",
+        "in_channels",
+    )
     print("backbone config: " + ", ".join(f"{k}={bc[k]}" for k in keys if k in bc))
     print("ilf config: " + json.dumps(meta["ilf_config"], sort_keys=True))
     print("sampler: " + json.dumps(meta.get("sampler") or {}, sort_keys=True))
     print("training: " + json.dumps(meta.get("training") or {}, sort_keys=True))
     n = sum(t.numel() for t in w.tensors.values())
-    print(f"tensors: {len(w.tensors)} ({n:,} parameters); scales: {w.tensors['scales'].flatten()[:8].tolist()}")
+    print(
+        f"tensors: {len(w.tensors)} ({n:,} parameters); scales: {w.tensors['scales'].flatten()[:8].tolist()}"
+    )
     return 0
 
 
@@ -167,7 +196,9 @@ COMMANDS = {"sample": cmd_sample, "info": cmd_info}
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
+    )
     from ilf_runtime.weights import WeightsError
 
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ImageSet", "load_fashion_mnist", "load_mnist5k", "read_idx", "to_model_range", "FASHION_CLASSES"]
+__all__ = ["FASHION_CLASSES", "ImageSet", "load_fashion_mnist", "load_mnist5k", "read_idx", "to_model_range"]
 
 FASHION_DIR = Path(os.environ.get("ILF_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 FASHION_CLASSES = (
@@ -66,7 +66,9 @@ def read_idx(path: str | os.PathLike) -> torch.Tensor:
         count *= d
     itemsize = torch.empty(0, dtype=dtype).element_size()
     if len(body) != count * itemsize:
-        raise ValueError(f"{path}: expected {count * itemsize} data bytes for shape {dims}, found {len(body)}")
+        raise ValueError(
+            f"{path}: expected {count * itemsize} data bytes for shape {dims}, found {len(body)}"
+        )
     t = torch.frombuffer(bytearray(body), dtype=dtype)
     if itemsize > 1:  # IDX is big-endian
         t = t.view(torch.uint8).view(-1, itemsize).flip(1).reshape(-1).view(dtype)
@@ -85,7 +87,9 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = No
             raise FileNotFoundError(f"Fashion-MNIST file {p} is missing: {_INSTALL_HINT}")
     images, labels = read_idx(img), read_idx(lab).long()
     if images.ndim != 3 or labels.shape != images.shape[:1]:
-        raise ValueError(f"Fashion-MNIST {split}: images {tuple(images.shape)} and labels {tuple(labels.shape)} disagree")
+        raise ValueError(
+            f"Fashion-MNIST {split}: images {tuple(images.shape)} and labels {tuple(labels.shape)} disagree"
+        )
     return ImageSet(images, labels, FASHION_CLASSES)
 
 

@@ -58,25 +58,27 @@ def model_kind(transformer: nn.Module) -> str:
         return "dit"
     if isinstance(transformer, PixArtTransformer2DModel):
         return "pixart"
-    raise ValueError(f"unsupported model: {type(transformer).__name__}; supported: {', '.join(SUPPORTED_MODELS)}")
+    raise ValueError(
+        f"unsupported model: {type(transformer).__name__}; supported: {', '.join(SUPPORTED_MODELS)}"
+    )
 
 
 def _block_kwargs(transformer: nn.Module) -> dict[str, Any]:
     """The arguments the backbone builds each of its `BasicTransformerBlock`s with."""
     c = transformer.config
-    kw = dict(
-        dim=transformer.inner_dim,
-        num_attention_heads=c.num_attention_heads,
-        attention_head_dim=c.attention_head_dim,
-        dropout=c.dropout,
-        activation_fn=c.activation_fn,
-        num_embeds_ada_norm=c.num_embeds_ada_norm,
-        attention_bias=c.attention_bias,
-        upcast_attention=c.upcast_attention,
-        norm_type=c.norm_type,
-        norm_elementwise_affine=c.norm_elementwise_affine,
-        norm_eps=c.norm_eps,
-    )
+    kw = {
+        "dim": transformer.inner_dim,
+        "num_attention_heads": c.num_attention_heads,
+        "attention_head_dim": c.attention_head_dim,
+        "dropout": c.dropout,
+        "activation_fn": c.activation_fn,
+        "num_embeds_ada_norm": c.num_embeds_ada_norm,
+        "attention_bias": c.attention_bias,
+        "upcast_attention": c.upcast_attention,
+        "norm_type": c.norm_type,
+        "norm_elementwise_affine": c.norm_elementwise_affine,
+        "norm_eps": c.norm_eps,
+    }
     if model_kind(transformer) == "pixart":
         kw.update(cross_attention_dim=c.cross_attention_dim, attention_type=c.attention_type)
     return kw
@@ -166,7 +168,9 @@ class FeedbackLoop(nn.Module):
         if torch.is_grad_enabled() and getattr(module, "gradient_checkpointing", False):
             raise RuntimeError("ILF does not support gradient checkpointing of the backbone; disable it")
         bound = self._sig_model.bind(module, *args, **kwargs).arguments
-        self._state = _StepState(timestep=bound.get("timestep"), added_cond_kwargs=bound.get("added_cond_kwargs"))
+        self._state = _StepState(
+            timestep=bound.get("timestep"), added_cond_kwargs=bound.get("added_cond_kwargs")
+        )
 
     def _on_model_end(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._state = _StepState()  # drop h_a and friends: no activation outlives the forward
@@ -179,7 +183,9 @@ class FeedbackLoop(nn.Module):
         self._state.h_a = bound.pop("hidden_states")
         self._state.block_kwargs = bound
 
-    def _on_loop_end(self, block: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
+    def _on_loop_end(
+        self, block: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor
+    ) -> torch.Tensor | None:
         if self._running or not self.active:
             return None
         if self._state.h_a is None:
@@ -263,7 +269,9 @@ def apply_ilf(
         weights.check_backbone(transformer, strict=check_backbone)
         config = weights.config
     else:
-        raise TypeError(f"expected an ILFConfig or a weights file path, got {type(config_or_weights).__name__}")
+        raise TypeError(
+            f"expected an ILFConfig or a weights file path, got {type(config_or_weights).__name__}"
+        )
     config.check_backbone(len(transformer.transformer_blocks))
 
     loop = FeedbackLoop(config, build_feedback_block(transformer, config), transformer.inner_dim)

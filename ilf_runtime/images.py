@@ -25,7 +25,9 @@ def make_grid(images: torch.Tensor, nrow: int, *, pad: int = 2, min_cell: int = 
     grid = torch.ones(c, rows * (h + pad) + pad, ncol * (w + pad) + pad)
     for i in range(b):
         r, q = divmod(i, ncol)
-        grid[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = images[i]
+        grid[
+            :, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w
+        ] = images[i]
     return grid
 
 

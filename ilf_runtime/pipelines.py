@@ -68,7 +68,10 @@ def _tiny_random_dit() -> nn.Module:
 
 # short name -> (builder, description)
 MODEL_NAMES = {
-    "tiny-random": (_tiny_random_dit, "randomly initialised 12-block DiT (16x16x1, 10 classes), built at run time"),
+    "tiny-random": (
+        _tiny_random_dit,
+        "randomly initialised 12-block DiT (16x16x1, 10 classes), built at run time",
+    ),
 }
 
 
@@ -148,7 +151,9 @@ def load_model(
     cls_name = json.loads(cfg_file.read_text()).get("_class_name")
     cls = getattr(diffusers, str(cls_name), None)
     if cls is None or cls_name not in ("DiTTransformer2DModel", "PixArtTransformer2DModel"):
-        raise ValueError(f"unsupported model: {cls_name}; supported: DiTTransformer2DModel, PixArtTransformer2DModel")
+        raise ValueError(
+            f"unsupported model: {cls_name}; supported: DiTTransformer2DModel, PixArtTransformer2DModel"
+        )
     transformer = cls.from_pretrained(path, local_files_only=True, torch_dtype=dtype).eval()
     sched_file = path / "scheduler_config.json"
     sched_cfg = json.loads(sched_file.read_text()) if sched_file.is_file() else DEFAULT_SCHEDULER
@@ -185,7 +190,11 @@ class SampleOutput:
 
 def _encode_prompts(model: Model, prompts: list[str], negative_prompt: str, guided: bool):
     pipe = model.pipeline
-    if pipe is None or getattr(pipe, "text_encoder", None) is None or getattr(pipe, "tokenizer", None) is None:
+    if (
+        pipe is None
+        or getattr(pipe, "text_encoder", None) is None
+        or getattr(pipe, "tokenizer", None) is None
+    ):
         raise ValueError("text prompts need a pipeline with a text encoder; pass prompt_embeds instead")
     with torch.no_grad():
         return pipe.encode_prompt(prompts, guided, negative_prompt=negative_prompt, device=model.device)
@@ -317,7 +326,13 @@ def sample(
                     width=m.image_size,
                 )
             x = denoise(
-                m.transformer, noise, slv, cond, guidance_scale=guidance_scale, loop_mask=mask, on_step=on_step
+                m.transformer,
+                noise,
+                slv,
+                cond,
+                guidance_scale=guidance_scale,
+                loop_mask=mask,
+                on_step=on_step,
             )
             latents.append(x)
             if not return_latents_only:
@@ -332,7 +347,9 @@ def sample(
             remove_ilf(m.transformer)
 
     num_layers = len(m.transformer.transformer_blocks)
-    evals = num_layers * num_steps if loop is None else loop.config.block_evals(num_layers, num_steps, loop_steps)
+    evals = (
+        num_layers * num_steps if loop is None else loop.config.block_evals(num_layers, num_steps, loop_steps)
+    )
     info = {
         "model": m.name or type(m.transformer).__name__,
         "kind": m.kind,
@@ -346,7 +363,9 @@ def sample(
         "device": str(m.device),
         "dtype": str(m.dtype).replace("torch.", ""),
     }
-    labels_out: list[Any] = labels.tolist() if m.kind == "dit" else list(prompts or [f"embeds[{i}]" for i in range(count)])
+    labels_out: list[Any] = (
+        labels.tolist() if m.kind == "dit" else list(prompts or [f"embeds[{i}]" for i in range(count)])
+    )
     return SampleOutput(
         images=torch.cat(images) if images else torch.empty(0),
         latents=torch.cat(latents),

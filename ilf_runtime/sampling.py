@@ -81,7 +81,9 @@ def pixart_conditioning(
         raise ValueError(f"prompt_embeds must be (batch, tokens, channels), got {tuple(prompt_embeds.shape)}")
     want = c.caption_channels if c.caption_channels is not None else c.cross_attention_dim
     if prompt_embeds.shape[-1] != want:
-        raise ValueError(f"prompt_embeds have {prompt_embeds.shape[-1]} channels, this transformer expects {want}")
+        raise ValueError(
+            f"prompt_embeds have {prompt_embeds.shape[-1]} channels, this transformer expects {want}"
+        )
     if prompt_attention_mask.shape != prompt_embeds.shape[:2]:
         raise ValueError(
             f"prompt_attention_mask must be {tuple(prompt_embeds.shape[:2])}, got {tuple(prompt_attention_mask.shape)}"

@@ -47,9 +47,7 @@ def backbone_fingerprint(transformer: nn.Module) -> str:
     """sha256 of the backbone class, config and parameter shapes (ILF's own parameters excluded)."""
     from ilf_runtime.ilf import ATTR
 
-    shapes = [
-        (n, list(p.shape)) for n, p in transformer.named_parameters() if not n.startswith(ATTR + ".")
-    ]
+    shapes = [(n, list(p.shape)) for n, p in transformer.named_parameters() if not n.startswith(ATTR + ".")]
     blob = json.dumps(
         {"class": type(transformer).__name__, "config": _backbone_config(transformer), "params": shapes},
         sort_keys=True,
@@ -109,7 +107,9 @@ class ILFWeights:
         missing = sorted(set(expected) - set(self.tensors))
         unexpected = sorted(set(self.tensors) - set(expected))
         if missing:
-            raise WeightsError(f"{self._name()}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+            raise WeightsError(
+                f"{self._name()}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+            )
         if unexpected:
             raise WeightsError(f"{self._name()}: unexpected tensors {unexpected[:5]}")
         for name, ref in expected.items():
@@ -172,7 +172,7 @@ def save_ilf_weights(
 
 def read_metadata(path: str | PathLike) -> dict[str, Any]:
     """The metadata header of a weights file, JSON fields decoded; checks only the header."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
@@ -180,7 +180,7 @@ def read_metadata(path: str | PathLike) -> dict[str, Any]:
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
-    except Exception as e:  # safetensors raises its own error types for bad headers
+    except (SafetensorError, OSError, ValueError) as e:
         raise WeightsError(f"feedback weights {path}: not a readable safetensors file ({e})") from None
     if raw.get("format") != FORMAT:
         raise WeightsError(
@@ -194,19 +194,24 @@ def read_metadata(path: str | PathLike) -> dict[str, Any]:
             raise WeightsError(f"feedback weights {path}: metadata {key!r} is not valid JSON") from None
     version = int(raw.get("format_version", "0"))
     if version != FORMAT_VERSION:
-        raise WeightsError(f"feedback weights {path}: format_version {version}, this runtime reads {FORMAT_VERSION}")
+        raise WeightsError(
+            f"feedback weights {path}: format_version {version}, this runtime reads {FORMAT_VERSION}"
+        )
     return meta
 
 
 def load_ilf_weights(path: str | PathLike) -> ILFWeights:
     """Reads and verifies a weights file (header, JSON fields, tensor checksum)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     meta = read_metadata(path)
     try:
         tensors = load_file(str(path))
-    except Exception as e:
-        raise WeightsError(f"feedback weights {path}: tensor data unreadable, truncated or corrupted ({e})") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise WeightsError(
+            f"feedback weights {path}: tensor data unreadable, truncated or corrupted ({e})"
+        ) from None
     got = _content_hash(tensors)
     if meta.get("content_sha256") != got:
         raise WeightsError(

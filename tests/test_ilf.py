@@ -25,9 +25,11 @@ def _pixart_call(model, batch=2, seed=0):
     emb, mask, _, _ = prompt_inputs(batch, seed=seed)
     t = torch.tensor([901, 17][:batch])
     added = {"resolution": None, "aspect_ratio": None}
-    return lambda: model(
-        x, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=t, added_cond_kwargs=added
-    ).sample
+    return lambda: (
+        model(
+            x, encoder_hidden_states=emb, encoder_attention_mask=mask, timestep=t, added_cond_kwargs=added
+        ).sample
+    )
 
 
 MODELS = {"dit": (tiny_dit, _dit_call), "pixart": (tiny_pixart, _pixart_call)}
@@ -83,7 +85,9 @@ def _reference_blocks(blocks, h0, kw, loop, kw_f):
 
 
 @pytest.mark.parametrize("kind", sorted(MODELS))
-@pytest.mark.parametrize("cfg", CONFIGS[:2] + [ILFConfig(loop_start=1, loop_end=3, loop_iters=3)], ids=["mid", "all", "end"])
+@pytest.mark.parametrize(
+    "cfg", CONFIGS[:2] + [ILFConfig(loop_start=1, loop_end=3, loop_iters=3)], ids=["mid", "all", "end"]
+)
 def test_looped_forward_matches_reference(kind, cfg):
     build, call = MODELS[kind]
     model = build()
@@ -174,7 +178,7 @@ def test_random_init_is_seeded(dit):
 def test_ilf_leaves_backbone_parameters_untouched(dit):
     before = {k: v.clone() for k, v in dit.state_dict().items()}
     loop = apply_ilf(dit, ILFConfig(loop_start=1, loop_end=2, feedback_init="copy:1"))
-    assert set(n for n, _ in dit.named_parameters() if n.startswith("ilf_loop.")) == {
+    assert {n for n, _ in dit.named_parameters() if n.startswith("ilf_loop.")} == {
         "ilf_loop." + n for n, _ in loop.named_parameters()
     }
     remove_ilf(dit)

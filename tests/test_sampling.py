@@ -29,6 +29,7 @@ def _check_close(ours, ref):
     scale = max(1.0, ref.abs().max().item())
     assert err <= TOL * scale, f"max abs diff {err:.2e} at latent magnitude {scale:.1f}"
 
+
 @pytest.mark.parametrize("sched", sorted(SCHEDULERS))
 @pytest.mark.parametrize("guidance", [1.0, 4.0])
 @pytest.mark.parametrize("steps", [3, 7])
@@ -49,7 +50,13 @@ def test_pixart_prompts_go_through_the_pipeline_text_encoder():
 
     tokenizer, encoder = tiny_text_encoder()
     transformer, scheduler = tiny_pixart(), dpm_scheduler()
-    pipe = PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=tiny_vae(), transformer=transformer, scheduler=scheduler)
+    pipe = PixArtSigmaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=encoder,
+        vae=tiny_vae(),
+        transformer=transformer,
+        scheduler=scheduler,
+    )
     with torch.no_grad():
         ref_default = pipe(
             prompt="a red cat on the grass",
@@ -88,7 +95,9 @@ def test_ilf_step_schedule_in_the_loop(tmp_path):
     # (not the very last step: with leading spacing DDIM's last step goes from t=0 to alpha_0 and
     # ignores the model output)
     last = sample(transformer, class_labels=labels, num_steps=4, scheduler=ddim_scheduler(), loop_steps="2")
-    every = sample(transformer, class_labels=labels, num_steps=4, scheduler=ddim_scheduler(), loop_steps="all")
+    every = sample(
+        transformer, class_labels=labels, num_steps=4, scheduler=ddim_scheduler(), loop_steps="all"
+    )
     remove_ilf(transformer)
     assert torch.equal(plain.latents, none.latents)
     assert not torch.allclose(plain.latents, last.latents, atol=1e-5)
@@ -125,7 +134,7 @@ def test_sample_input_errors():
         sample(pixart, num_steps=2)
     with pytest.raises(ValueError, match="text encoder"):
         sample(pixart, prompts=["a cat"], num_steps=2)
-    emb, mask, neg, nmask = prompt_inputs(1)
+    emb, mask, _, _ = prompt_inputs(1)
     with pytest.raises(ValueError, match="expects 12"):
         sample(pixart, prompt_embeds=emb[..., :5], guidance_scale=1.0, num_steps=2)
     with pytest.raises(ValueError, match="negative_prompt_embeds"):

@@ -63,7 +63,9 @@ def test_wrong_backbone_config_names_the_difference(tmp_path):
 
 def test_wrong_backbone_class(tmp_path):
     path, _, _ = _trained_file(tmp_path)
-    with pytest.raises(WeightsError, match="made for a DiTTransformer2DModel backbone, got a PixArtTransformer2DModel"):
+    with pytest.raises(
+        WeightsError, match="made for a DiTTransformer2DModel backbone, got a PixArtTransformer2DModel"
+    ):
         apply_ilf(tiny_pixart(), path)
 
 
@@ -94,7 +96,10 @@ def _rewrite(src, dst, edit_tensors=None, edit_meta=None):
     """Writes a variant of a valid file with a consistent checksum, to reach the later checks."""
     tensors = load_file(str(src))
     meta = read_metadata(src)
-    raw = {k: (json.dumps(v) if k in ("ilf_config", "backbone_config", "sampler", "training") else v) for k, v in meta.items()}
+    raw = {
+        k: (json.dumps(v) if k in ("ilf_config", "backbone_config", "sampler", "training") else v)
+        for k, v in meta.items()
+    }
     if edit_tensors:
         edit_tensors(tensors)
     if edit_meta:
@@ -106,7 +111,9 @@ def _rewrite(src, dst, edit_tensors=None, edit_meta=None):
 
 def test_missing_tensor_and_wrong_shape(tmp_path):
     path, _, _ = _trained_file(tmp_path)
-    missing = _rewrite(path, tmp_path / "missing.safetensors", edit_tensors=lambda t: t.pop("feedback.attn1.to_q.weight"))
+    missing = _rewrite(
+        path, tmp_path / "missing.safetensors", edit_tensors=lambda t: t.pop("feedback.attn1.to_q.weight")
+    )
     with pytest.raises(WeightsError, match=r"missing tensors \['feedback.attn1.to_q.weight'\]"):
         apply_ilf(tiny_dit(), missing)
 
