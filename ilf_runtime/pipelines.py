@@ -66,11 +66,17 @@ def _tiny_random_dit() -> nn.Module:
     return model.eval()
 
 
-# short name -> (builder, description)
+ASSETS = Path(__file__).parent / "assets"
+
+# short name -> (directory or builder, description)
 MODEL_NAMES = {
+    "fashion-dit": (
+        ASSETS / "fashion-dit",
+        "the bundled 12-block DiT trained on Fashion-MNIST (16x16, pixel space, 10 classes)",
+    ),
     "tiny-random": (
         _tiny_random_dit,
-        "randomly initialised 12-block DiT (16x16x1, 10 classes), built at run time",
+        "randomly initialised 12-block DiT (16x16x1, 10 classes), built at run time; random weights",
     ),
 }
 
@@ -85,6 +91,7 @@ class Model:
     pipeline: Any = None
     name: str = ""
     note: str = ""
+    default_guidance: float | None = None
     kind: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -132,9 +139,15 @@ def load_model(
 
     name = str(source)
     if name in MODEL_NAMES:
-        builder, desc = MODEL_NAMES[name]
-        model = Model(builder(), _scheduler_from_config(DEFAULT_SCHEDULER), name=name, note=desc)
-        return model.to(device, dtype)
+        where, desc = MODEL_NAMES[name]
+        if callable(where):
+            model = Model(where(), _scheduler_from_config(DEFAULT_SCHEDULER), name=name, note=desc)
+            return model.to(device, dtype)
+        if not (Path(where) / "config.json").is_file():
+            raise FileNotFoundError(f"built-in model {name!r}: its files are missing from {where}")
+        model = load_model(where, device=device, dtype=dtype)
+        model.name, model.note = name, desc
+        return model
     path = Path(source)
     if not path.is_dir():
         raise FileNotFoundError(
@@ -157,7 +170,11 @@ def load_model(
     transformer = cls.from_pretrained(path, local_files_only=True, torch_dtype=dtype).eval()
     sched_file = path / "scheduler_config.json"
     sched_cfg = json.loads(sched_file.read_text()) if sched_file.is_file() else DEFAULT_SCHEDULER
-    return Model(transformer, _scheduler_from_config(sched_cfg), name=name).to(device)
+    model = Model(transformer, _scheduler_from_config(sched_cfg), name=name)
+    defaults = path / "ilf_defaults.json"  # e.g. the guidance scale a sweep chose for this model
+    if defaults.is_file():
+        model.default_guidance = json.loads(defaults.read_text()).get("guidance_scale")
+    return model.to(device)
 
 
 def to_model(obj: Any, scheduler: Any = None) -> Model:
@@ -257,7 +274,7 @@ def sample(
     if scheduler is not None:
         m.scheduler = scheduler
     if guidance_scale is None:
-        guidance_scale = DEFAULT_GUIDANCE[m.kind]
+        guidance_scale = m.default_guidance if m.default_guidance is not None else DEFAULT_GUIDANCE[m.kind]
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
 

@@ -1,0 +1,155 @@
+"""`ilf eval`: sample N images per class from a class-conditional model and measure them.
+
+Reports FID against the Fashion-MNIST test split (features of the shipped classifier) with its
+spread over disjoint subsets and the floor at the same sample size (train-split images against
+the test split), class accuracy, and optionally paired PSNR / MAE against a reference sampler
+(plain, `ref_steps` steps) run from the same seeds and labels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EvalArgs", "evaluate", "markdown_row", "floor_fid"]
+
+
+@dataclass
+class EvalArgs:
+    """One evaluation run.
+
+    Args:
+        per_class: images per class.
+        steps: solver steps of the evaluated sampler.
+        solver: "ddim" or "dpmpp_2m" (default: the model's scheduler).
+        guidance: classifier-free guidance scale (None: the model's default).
+        seed: seed of image 0; image i uses seed + i.
+        weights: feedback weights file to apply, or None for the plain sampler.
+        loop_steps: override of the weights' looped steps.
+        ref_steps: steps of the plain reference sampler for paired PSNR (0: skip PSNR).
+        subsets: disjoint subsets for the FID spread.
+        batch_size: images per forward batch.
+    """
+
+    per_class: int = 100
+    steps: int = 20
+    solver: str | None = None
+    guidance: float | None = None
+    seed: int = 0
+    weights: str | None = None
+    loop_steps: str | None = None
+    ref_steps: int = 0
+    subsets: int = 5
+    batch_size: int = 250
+
+
+def _reference_sets(classifier, n: int, subsets: int, seed: int) -> dict[str, Any]:
+    """Test-split Gaussian and the floor: FID of n train-split images against the test split."""
+    from ilf_runtime.data import load_fashion_mnist
+    from ilf_runtime.metrics import Gaussian, extract, fid_with_spread
+
+    test, train = load_fashion_mnist("test"), load_fashion_mnist("train")
+    to01 = lambda u8: u8.float().div(255).unsqueeze(1)  # noqa: E731  (N, 1, 28, 28)
+    ref = Gaussian.fit(extract(classifier.features, to01(test.images)))
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
+    floor = fid_with_spread(extract(classifier.features, to01(train.images[idx])), ref, subsets)
+    return {"ref": ref, "floor": floor}
+
+
+def floor_fid(n: int, subsets: int = 5, seed: int = 0) -> dict[str, Any]:
+    from ilf_runtime.metrics import load_fashion_classifier
+
+    return _reference_sets(load_fashion_classifier(), n, subsets, seed)["floor"]
+
+
+def evaluate(model: Any, a: EvalArgs, *, progress: bool = True) -> dict[str, Any]:
+    """Samples `per_class` images of every class and returns the metrics as a JSON-able dict."""
+    import diffusers
+
+    from ilf_runtime.metrics import class_accuracy, extract, fid_with_spread, load_fashion_classifier, paired_psnr
+    from dataclasses import replace
+
+    from ilf_runtime.pipelines import DEFAULT_GUIDANCE, sample, to_model
+
+    m = to_model(model)
+    if a.guidance is None:
+        a = replace(a, guidance=m.default_guidance if m.default_guidance is not None else DEFAULT_GUIDANCE[m.kind])
+    if m.kind != "dit":
+        raise ValueError("ilf eval measures class-conditional DiT models; this is a PixArt model")
+    num_classes = m.transformer.config.num_embeds_ada_norm
+    if num_classes != 10 or m.transformer.config.in_channels != 1:
+        raise ValueError(
+            "ilf eval's metrics use the Fashion-MNIST classifier: the model must be a 10-class, "
+            f"1-channel pixel-space DiT (got {num_classes} classes, {m.transformer.config.in_channels} channels)"
+        )
+    if a.per_class < 1 or a.subsets < 1 or a.per_class * num_classes < 2 * a.subsets:
+        raise ValueError("need per_class >= 1 and at least two images per FID subset")
+    labels = torch.arange(num_classes).repeat_interleave(a.per_class)
+    # interleave classes so that every disjoint FID subset holds every class
+    labels = labels.view(num_classes, a.per_class).T.reshape(-1)
+    n = labels.numel()
+    seeds = list(range(a.seed, a.seed + n))
+    out = sample(m, class_labels=labels, seeds=seeds, num_steps=a.steps, solver=a.solver, guidance_scale=a.guidance,
+                 ilf=a.weights, loop_steps=a.loop_steps, batch_size=a.batch_size, progress=progress)
+    clf = load_fashion_classifier()
+    sets = _reference_sets(clf, n, a.subsets, a.seed)
+    feats = extract(clf.features, out.images)
+    result: dict[str, Any] = {
+        "model": m.name or type(m.transformer).__name__,
+        "args": asdict(a),
+        "n": n,
+        "seeds": [seeds[0], seeds[-1]],
+        "seconds": round(out.seconds, 2),
+        "images_per_s": round(n / out.seconds, 2),
+        "block_evals_per_image": out.info["block_evals_per_image"],
+        "solver": out.info["solver"],
+        "fid": fid_with_spread(feats, sets["ref"], a.subsets),
+        "fid_floor": sets["floor"],
+        "class_accuracy": class_accuracy(clf, out.images, labels),
+        "feature_network": "ilf_runtime/assets/fashion-classifier (penultimate layer, 256-d)",
+        "context": {"device": str(m.device), "dtype": str(m.dtype).replace("torch.", ""),
+                    "threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "diffusers": diffusers.__version__, "python": platform.python_version()},
+    }
+    if a.ref_steps:
+        ref = sample(m, class_labels=labels, seeds=seeds, num_steps=a.ref_steps, solver=a.solver,
+                     guidance_scale=a.guidance, batch_size=a.batch_size, progress=progress)
+        pp = paired_psnr(out.images, ref.images)
+        pp.pop("per_image_psnr")
+        result["paired_vs_ref"] = pp | {"ref_steps": a.ref_steps}
+    for key in ("fid", "fid_floor"):
+        result[key] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result[key].items()}
+    return result
+
+
+def markdown_row(r: dict[str, Any]) -> str:
+    a, f, fl = r["args"], r["fid"], r["fid_floor"]
+    psnr = r.get("paired_vs_ref")
+    ps = f"{psnr['psnr']:.2f} +- {psnr['psnr_se']:.2f}" if psnr else "-"
+    return (
+        f"| {r['model']} | {r['solver']} | {a['steps']} | {a['guidance']} | {a['weights'] or '-'} | {r['n']} | "
+        f"{f['fid']:.3f} ({f['subset_mean']:.2f} +- {f['subset_std']:.2f} over {a['subsets']}x{f['subset_n']}) | "
+        f"{fl['fid']:.3f} | {100 * r['class_accuracy']:.1f}% | {ps} | {r['images_per_s']:.1f} |"
+    )
+
+
+MARKDOWN_HEADER = (
+    "| model | solver | steps | guidance | weights | n | FID (subset mean +- std) | FID floor | class acc | "
+    "PSNR vs ref (dB) | images/s |\n|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def write_results(results: list[dict[str, Any]], stem: str | Path) -> None:
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
+    rows = "\n".join(markdown_row(r) for r in results)
+    stem.with_suffix(".md").write_text(f"{MARKDOWN_HEADER}\n{rows}\n")
