@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ilf_runtime.evaluate import MARKDOWN_HEADER, EvalArgs, evaluate, markdown_row  # noqa: E402
-from ilf_runtime.images import save_grid  # noqa: E402
-from ilf_runtime.pipelines import load_model, sample  # noqa: E402
+from ilf_runtime.evaluate import MARKDOWN_HEADER, EvalArgs, evaluate, markdown_row
+from ilf_runtime.images import save_grid
+from ilf_runtime.pipelines import load_model, sample
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     (out / "fashion_dit_sweep.json").write_text(json.dumps(sweep, indent=1, default=str))
     (out / "fashion_dit_sweep.md").write_text(
         f"# Guidance sweep, {a.steps} steps, {a.sweep_per_class * 10} samples per scale (seeds from 10,000,000)\n\n"
-        f"{MARKDOWN_HEADER}\n" + "\n".join(markdown_row(r) for r in sweep) + f"\n\nLowest FID at guidance {g_best}.\n"
+        f"{MARKDOWN_HEADER}\n"
+        + "\n".join(markdown_row(r) for r in sweep)
+        + f"\n\nLowest FID at guidance {g_best}.\n"
     )
 
     final = evaluate(model, EvalArgs(per_class=a.per_class, steps=a.steps, guidance=g_best, seed=0))
@@ -64,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_row(final))
 
     labels = torch.arange(10).repeat_interleave(10)
-    grid = sample(model, class_labels=labels, seeds=list(range(100)), num_steps=a.steps, guidance_scale=g_best)
+    grid = sample(
+        model, class_labels=labels, seeds=list(range(100)), num_steps=a.steps, guidance_scale=g_best
+    )
     save_grid(grid.images, out / "fashion_dit_grid.png", nrow=10)
     print(f"guidance {g_best}; wrote {out}/fashion_dit_*.{{json,md}} and fashion_dit_grid.png")
     return 0

@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample N images per class and measure FID, class accuracy, paired PSNR",
         description="Evaluate a 10-class pixel-space DiT with the shipped Fashion-MNIST classifier.",
     )
-    e.add_argument("--model", default="fashion-dit", help="model directory or built-in name (default fashion-dit)")
+    e.add_argument(
+        "--model", default="fashion-dit", help="model directory or built-in name (default fashion-dit)"
+    )
     e.add_argument("--weights", help="feedback weights file (.safetensors) to apply")
     e.add_argument("--per-class", type=_positive, default=100, help="images per class (default 100)")
     e.add_argument("--steps", type=_positive, default=20)
@@ -85,8 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--loop-steps")
-    e.add_argument("--ref-steps", type=int, default=0, help="paired PSNR against the plain sampler at N steps (0: off)")
-    e.add_argument("--subsets", type=_positive, default=5, help="disjoint subsets for the FID spread (default 5)")
+    e.add_argument(
+        "--ref-steps", type=int, default=0, help="paired PSNR against the plain sampler at N steps (0: off)"
+    )
+    e.add_argument(
+        "--subsets", type=_positive, default=5, help="disjoint subsets for the FID spread (default 5)"
+    )
     e.add_argument("--batch-size", type=_positive, default=250)
     e.add_argument("--out", default="eval", help="output path stem: writes STEM.json and STEM.md")
     e.add_argument("--no-progress", action="store_true")
@@ -234,7 +240,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     if "paired_vs_ref" in result:
         p = result["paired_vs_ref"]
-        print(f"paired PSNR vs {p['ref_steps']} steps: {p['psnr']:.2f} +- {p['psnr_se']:.2f} dB, MAE {p['mae']:.4f}")
+        print(
+            f"paired PSNR vs {p['ref_steps']} steps: {p['psnr']:.2f} +- {p['psnr_se']:.2f} dB, MAE {p['mae']:.4f}"
+        )
     print(markdown_row(result))
     print(f"wrote {args.out}.json and {args.out}.md")
     return 0

@@ -19,7 +19,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EvalArgs", "evaluate", "markdown_row", "floor_fid"]
+__all__ = ["EvalArgs", "evaluate", "floor_fid", "markdown_row"]
 
 
 @dataclass
@@ -57,7 +57,7 @@ def _reference_sets(classifier, n: int, subsets: int, seed: int) -> dict[str, An
     from ilf_runtime.metrics import Gaussian, extract, fid_with_spread
 
     test, train = load_fashion_mnist("test"), load_fashion_mnist("train")
-    to01 = lambda u8: u8.float().div(255).unsqueeze(1)  # noqa: E731  (N, 1, 28, 28)
+    to01 = lambda u8: u8.float().div(255).unsqueeze(1)
     ref = Gaussian.fit(extract(classifier.features, to01(test.images)))
     idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
     floor = fid_with_spread(extract(classifier.features, to01(train.images[idx])), ref, subsets)
@@ -72,16 +72,24 @@ def floor_fid(n: int, subsets: int = 5, seed: int = 0) -> dict[str, Any]:
 
 def evaluate(model: Any, a: EvalArgs, *, progress: bool = True) -> dict[str, Any]:
     """Samples `per_class` images of every class and returns the metrics as a JSON-able dict."""
-    import diffusers
-
-    from ilf_runtime.metrics import class_accuracy, extract, fid_with_spread, load_fashion_classifier, paired_psnr
     from dataclasses import replace
 
+    import diffusers
+
+    from ilf_runtime.metrics import (
+        class_accuracy,
+        extract,
+        fid_with_spread,
+        load_fashion_classifier,
+        paired_psnr,
+    )
     from ilf_runtime.pipelines import DEFAULT_GUIDANCE, sample, to_model
 
     m = to_model(model)
     if a.guidance is None:
-        a = replace(a, guidance=m.default_guidance if m.default_guidance is not None else DEFAULT_GUIDANCE[m.kind])
+        a = replace(
+            a, guidance=m.default_guidance if m.default_guidance is not None else DEFAULT_GUIDANCE[m.kind]
+        )
     if m.kind != "dit":
         raise ValueError("ilf eval measures class-conditional DiT models; this is a PixArt model")
     num_classes = m.transformer.config.num_embeds_ada_norm
@@ -97,8 +105,18 @@ def evaluate(model: Any, a: EvalArgs, *, progress: bool = True) -> dict[str, Any
     labels = labels.view(num_classes, a.per_class).T.reshape(-1)
     n = labels.numel()
     seeds = list(range(a.seed, a.seed + n))
-    out = sample(m, class_labels=labels, seeds=seeds, num_steps=a.steps, solver=a.solver, guidance_scale=a.guidance,
-                 ilf=a.weights, loop_steps=a.loop_steps, batch_size=a.batch_size, progress=progress)
+    out = sample(
+        m,
+        class_labels=labels,
+        seeds=seeds,
+        num_steps=a.steps,
+        solver=a.solver,
+        guidance_scale=a.guidance,
+        ilf=a.weights,
+        loop_steps=a.loop_steps,
+        batch_size=a.batch_size,
+        progress=progress,
+    )
     clf = load_fashion_classifier()
     sets = _reference_sets(clf, n, a.subsets, a.seed)
     feats = extract(clf.features, out.images)
@@ -115,13 +133,26 @@ def evaluate(model: Any, a: EvalArgs, *, progress: bool = True) -> dict[str, Any
         "fid_floor": sets["floor"],
         "class_accuracy": class_accuracy(clf, out.images, labels),
         "feature_network": "ilf_runtime/assets/fashion-classifier (penultimate layer, 256-d)",
-        "context": {"device": str(m.device), "dtype": str(m.dtype).replace("torch.", ""),
-                    "threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "diffusers": diffusers.__version__, "python": platform.python_version()},
+        "context": {
+            "device": str(m.device),
+            "dtype": str(m.dtype).replace("torch.", ""),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "python": platform.python_version(),
+        },
     }
     if a.ref_steps:
-        ref = sample(m, class_labels=labels, seeds=seeds, num_steps=a.ref_steps, solver=a.solver,
-                     guidance_scale=a.guidance, batch_size=a.batch_size, progress=progress)
+        ref = sample(
+            m,
+            class_labels=labels,
+            seeds=seeds,
+            num_steps=a.ref_steps,
+            solver=a.solver,
+            guidance_scale=a.guidance,
+            batch_size=a.batch_size,
+            progress=progress,
+        )
         pp = paired_psnr(out.images, ref.images)
         pp.pop("per_image_psnr")
         result["paired_vs_ref"] = pp | {"ref_steps": a.ref_steps}

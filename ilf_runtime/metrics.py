@@ -24,14 +24,14 @@ from torch import nn
 
 __all__ = [
     "FashionClassifier",
-    "load_fashion_classifier",
-    "fid_from_features",
-    "fid",
-    "fid_with_spread",
-    "class_accuracy",
-    "paired_psnr",
-    "TorchFeatures",
     "Gaussian",
+    "TorchFeatures",
+    "class_accuracy",
+    "fid",
+    "fid_from_features",
+    "fid_with_spread",
+    "load_fashion_classifier",
+    "paired_psnr",
 ]
 
 ASSETS = Path(__file__).parent / "assets"
@@ -115,7 +115,9 @@ class TorchFeatures:
 
 
 @torch.no_grad()
-def extract(feature_fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch: int = 1000) -> torch.Tensor:
+def extract(
+    feature_fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch: int = 1000
+) -> torch.Tensor:
     """Features of `images` in batches, as float64 on the CPU."""
     return torch.cat([feature_fn(images[i : i + batch]).double().cpu() for i in range(0, len(images), batch)])
 
@@ -159,12 +161,19 @@ def fid_with_spread(feats: torch.Tensor, ref: torch.Tensor | Gaussian, subsets: 
     parts = [fid_from_features(feats[i * n : (i + 1) * n], ref_g) for i in range(subsets)]
     mean = sum(parts) / len(parts)
     std = math.sqrt(sum((p - mean) ** 2 for p in parts) / max(1, len(parts) - 1))
-    return {"fid": fid_from_features(feats, ref_g), "subset_n": n, "subset_mean": mean, "subset_std": std,
-            "subsets": parts}
+    return {
+        "fid": fid_from_features(feats, ref_g),
+        "subset_n": n,
+        "subset_mean": mean,
+        "subset_std": std,
+        "subsets": parts,
+    }
 
 
 @torch.no_grad()
-def class_accuracy(classifier: FashionClassifier, images: torch.Tensor, labels: torch.Tensor, batch: int = 1000) -> float:
+def class_accuracy(
+    classifier: FashionClassifier, images: torch.Tensor, labels: torch.Tensor, batch: int = 1000
+) -> float:
     preds = torch.cat([classifier(images[i : i + batch]).argmax(1) for i in range(0, len(images), batch)])
     return float((preds == labels.to(preds.device)).float().mean())
 
@@ -173,7 +182,9 @@ def paired_psnr(images: torch.Tensor, reference: torch.Tensor) -> dict[str, floa
     """Per-image PSNR (peak 1.0) and mean absolute error of `images` against `reference`, both in
     [0, 1] and paired by index; means with their standard errors. Identical pairs count as 100 dB."""
     if images.shape != reference.shape:
-        raise ValueError(f"paired images must have the same shape, got {tuple(images.shape)} and {tuple(reference.shape)}")
+        raise ValueError(
+            f"paired images must have the same shape, got {tuple(images.shape)} and {tuple(reference.shape)}"
+        )
     diff = images.double() - reference.double()
     mse = diff.square().flatten(1).mean(1)
     psnr = torch.where(mse > 0, 10 * torch.log10(1.0 / mse.clamp_min(1e-20)), torch.full_like(mse, 100.0))
@@ -183,5 +194,11 @@ def paired_psnr(images: torch.Tensor, reference: torch.Tensor) -> dict[str, floa
     def se(x: torch.Tensor) -> float:
         return float(x.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
 
-    return {"psnr": float(psnr.mean()), "psnr_se": se(psnr), "mae": float(mae.mean()), "mae_se": se(mae), "n": n,
-            "per_image_psnr": psnr}
+    return {
+        "psnr": float(psnr.mean()),
+        "psnr_se": se(psnr),
+        "mae": float(mae.mean()),
+        "mae_se": se(mae),
+        "n": n,
+        "per_image_psnr": psnr,
+    }

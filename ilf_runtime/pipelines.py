@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["DEFAULT_SCHEDULER", "MODEL_NAMES", "Model", "SampleOutput", "load_model", "sample", "to_model"]
 
 # Bare transformers without a scheduler config get DDIM on DiT's linear beta schedule, with
-# trailing spacing so that coarse step grids are subsets of finer ones.
+# trailing spacing so that coarse step grids are subsets of finer ones, and a final step to
+# alpha = 1 (the clean image). The bundled model ships this config.
 DEFAULT_SCHEDULER = {
     "_class_name": "DDIMScheduler",
     "num_train_timesteps": 1000,
@@ -38,7 +39,7 @@ DEFAULT_SCHEDULER = {
     "beta_end": 0.02,
     "beta_schedule": "linear",
     "clip_sample": False,
-    "set_alpha_to_one": False,
+    "set_alpha_to_one": True,
     "timestep_spacing": "trailing",
     "prediction_type": "epsilon",
 }

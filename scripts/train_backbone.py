@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ilf_runtime.data import load_fashion_mnist, to_model_range
+from ilf_runtime.pipelines import DEFAULT_SCHEDULER as SCHEDULER
 
 
 @dataclass
@@ -86,17 +87,6 @@ class TrainArgs:
 
 
 NUM_CLASSES = 10
-SCHEDULER = {
-    "_class_name": "DDIMScheduler",
-    "num_train_timesteps": 1000,
-    "beta_start": 0.0001,
-    "beta_end": 0.02,
-    "beta_schedule": "linear",
-    "clip_sample": False,
-    "set_alpha_to_one": True,
-    "timestep_spacing": "trailing",
-    "prediction_type": "epsilon",
-}
 
 
 def build_model(a: TrainArgs):

@@ -52,7 +52,9 @@ def test_fashion_reader_on_synthetic_files_and_missing_files(tmp_path):
     _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", imgs)
     _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels)
     test = load_fashion_mnist("test", root=tmp_path)
-    assert torch.equal(test.images, imgs) and torch.equal(test.labels, labels.long()) and len(test.classes) == 10
+    assert (
+        torch.equal(test.images, imgs) and torch.equal(test.labels, labels.long()) and len(test.classes) == 10
+    )
     with pytest.raises(FileNotFoundError, match="apt-get install -y dataset-fashion-mnist"):
         load_fashion_mnist("train", root=tmp_path)
     with pytest.raises(ValueError, match="split"):

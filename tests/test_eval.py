@@ -43,8 +43,22 @@ def test_eval_cli_writes_json_and_markdown(tmp_path, capsys):
     path = tmp_path / "tiny"
     tiny_dit(in_channels=1, learned_sigma=False).save_pretrained(path)
     stem = tmp_path / "res"
-    rc = main(["eval", "--model", str(path), "--per-class", "2", "--steps", "2", "--subsets", "2",
-               "--out", str(stem), "--no-progress"])
+    rc = main(
+        [
+            "eval",
+            "--model",
+            str(path),
+            "--per-class",
+            "2",
+            "--steps",
+            "2",
+            "--subsets",
+            "2",
+            "--out",
+            str(stem),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "FID" in text and "class accuracy" in text
@@ -52,7 +66,9 @@ def test_eval_cli_writes_json_and_markdown(tmp_path, capsys):
     assert stem.with_suffix(".md").read_text().startswith("| model |")
 
 
-@pytest.mark.skipif(not (MODEL_NAMES["fashion-dit"][0] / "config.json").is_file(), reason="bundled model not built")
+@pytest.mark.skipif(
+    not (MODEL_NAMES["fashion-dit"][0] / "config.json").is_file(), reason="bundled model not built"
+)
 def test_bundled_model_loads_offline_and_samples():
     m = load_model("fashion-dit")
     assert m.kind == "dit" and len(m.transformer.transformer_blocks) >= 10 and m.vae is None
