@@ -64,6 +64,8 @@ class TrainArgs:
         bf16: bf16 autocast on the CPU.
         threads: torch threads.
         resume: continue from out/checkpoint.pt.
+        max_minutes: stop after this much training time in this process (0: no limit), writing a
+            checkpoint; `--resume` continues where it stopped and ends where an uninterrupted run would.
     """
 
     out: str = "runs/fashion-dit"
@@ -84,6 +86,7 @@ class TrainArgs:
     bf16: bool = True
     threads: int = 2
     resume: bool = False
+    max_minutes: float = 0.0
 
 
 NUM_CLASSES = 10
@@ -177,7 +180,10 @@ def main(a: TrainArgs) -> int:
     gen = torch.Generator().manual_seed(a.seed)
     if a.resume and ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if ck["args"] != asdict(a) | {"resume": ck["args"]["resume"]}:
+        session_keys = ("resume", "max_minutes")  # may differ between the pieces of one run
+        if {k: v for k, v in ck["args"].items() if k not in session_keys} != {
+            k: v for k, v in asdict(a).items() if k not in session_keys
+        }:
             raise SystemExit(f"--resume: {ckpt_path} was written with other arguments: {ck['args']}")
         model.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
@@ -219,7 +225,11 @@ def main(a: TrainArgs) -> int:
         writer.writerow(["step", "loss", "lr", "seconds"])
     bar = tqdm(total=a.steps, initial=step, desc="train", unit="step")
     run_loss, t_last = None, time.perf_counter()
+    deadline = time.perf_counter() + 60 * a.max_minutes if a.max_minutes > 0 else float("inf")
     while step < a.steps and not interrupted:
+        if time.perf_counter() > deadline:
+            interrupted = True
+            break
         idx = torch.randint(0, data.shape[0], (a.batch_size,), generator=gen)
         x0, y = data[idx], labels[idx].clone()
         drop = torch.rand(a.batch_size, generator=gen) < a.label_dropout
@@ -255,7 +265,7 @@ def main(a: TrainArgs) -> int:
     log.close()
     if interrupted:
         checkpoint()
-        print(f"interrupted at step {step}: checkpoint written to {ckpt_path}; rerun with --resume")
+        print(f"stopped at step {step}: checkpoint written to {ckpt_path}; rerun with --resume")
         return 130
     summary = {
         "args": asdict(a),
