@@ -117,8 +117,10 @@ class Model:
         return s * (2 ** (len(self.vae.config.block_out_channels) - 1)) if self.vae is not None else s
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Model:
-        self.transformer.to(device=device, dtype=dtype)
-        if self.vae is not None:
+        kw = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        if kw:
+            self.transformer.to(**kw)
+        if self.vae is not None and device is not None:
             self.vae.to(device=device)
         return self
 
@@ -168,7 +170,7 @@ def load_model(
         raise ValueError(
             f"unsupported model: {cls_name}; supported: DiTTransformer2DModel, PixArtTransformer2DModel"
         )
-    transformer = cls.from_pretrained(path, local_files_only=True, torch_dtype=dtype).eval()
+    transformer = cls.from_pretrained(path, local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=False).eval()
     sched_file = path / "scheduler_config.json"
     sched_cfg = json.loads(sched_file.read_text()) if sched_file.is_file() else DEFAULT_SCHEDULER
     model = Model(transformer, _scheduler_from_config(sched_cfg), name=name)
