@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-class", type=int, default=1000)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument(
+        "--write-defaults",
+        action="store_true",
+        help="record the chosen guidance as the built-in model's default (assets/fashion-dit/ilf_defaults.json)",
+    )
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -58,6 +63,16 @@ def main(argv: list[str] | None = None) -> int:
         + f"\n\nLowest FID at guidance {g_best}.\n"
     )
 
+    if a.write_defaults:
+        from ilf_runtime.pipelines import MODEL_NAMES
+
+        defaults = {
+            "guidance_scale": g_best,
+            "source": "benchmarks/results/fashion_dit_sweep.md (lowest FID)",
+        }
+        (Path(MODEL_NAMES[a.model][0]) / "ilf_defaults.json").write_text(
+            json.dumps(defaults, indent=1) + "\n"
+        )
     final = evaluate(model, EvalArgs(per_class=a.per_class, steps=a.steps, guidance=g_best, seed=0))
     (out / "fashion_dit_metrics.json").write_text(json.dumps(final, indent=1, default=str))
     (out / "fashion_dit_metrics.md").write_text(

@@ -170,7 +170,9 @@ def load_model(
         raise ValueError(
             f"unsupported model: {cls_name}; supported: DiTTransformer2DModel, PixArtTransformer2DModel"
         )
-    transformer = cls.from_pretrained(path, local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=False).eval()
+    transformer = cls.from_pretrained(
+        path, local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=False
+    ).eval()
     sched_file = path / "scheduler_config.json"
     sched_cfg = json.loads(sched_file.read_text()) if sched_file.is_file() else DEFAULT_SCHEDULER
     model = Model(transformer, _scheduler_from_config(sched_cfg), name=name)

@@ -100,3 +100,16 @@ def test_shipped_classifier_accuracy_on_real_test_images():
     assert acc > 0.85 and abs(acc - recorded) < 0.02
     shuffled = class_accuracy(clf, x, test.labels[:2000].roll(1))
     assert shuffled < 0.3  # the accuracy measures the labels, not the images alone
+
+
+def test_user_supplied_feature_network_plugs_into_fid():
+    """Stands in for an Inception network loaded from local weights: any module works."""
+    from ilf_runtime.metrics import TorchFeatures, fid
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=4), torch.nn.AdaptiveAvgPool2d(2))
+    feats = TorchFeatures(net, size=32)
+    grey = torch.rand(64, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    assert feats(grey).shape == (64, 16)  # grey repeated to 3 channels, resized, flattened
+    assert fid(feats, grey, grey) < 1e-6
+    assert fid(feats, grey, (grey * 0.5).clamp(0, 1)) > fid(feats, grey, (grey * 0.95).clamp(0, 1))
