@@ -6,7 +6,9 @@ Median of 5 timed AdamW steps after one warm-up step; printed, one line per conf
     python benchmarks/backbone_speed.py
 """
 
-import torch, time
+import time
+
+import torch
 from diffusers import DiTTransformer2DModel
 
 torch.set_num_threads(2)
