@@ -64,6 +64,13 @@ def _reference_sets(classifier, n: int, subsets: int, seed: int) -> dict[str, An
     return {"ref": ref, "floor": floor}
 
 
+def _recorded_accuracy() -> float | None:
+    from ilf_runtime.metrics import CLASSIFIER_DIR
+
+    f = CLASSIFIER_DIR / "config.json"
+    return json.loads(f.read_text()).get("test_accuracy") if f.is_file() else None
+
+
 def floor_fid(n: int, subsets: int = 5, seed: int = 0) -> dict[str, Any]:
     from ilf_runtime.metrics import load_fashion_classifier
 
@@ -133,6 +140,7 @@ def evaluate(model: Any, a: EvalArgs, *, progress: bool = True) -> dict[str, Any
         "fid_floor": sets["floor"],
         "class_accuracy": class_accuracy(clf, out.images, labels),
         "feature_network": "ilf_runtime/assets/fashion-classifier (penultimate layer, 256-d)",
+        "classifier_test_accuracy": _recorded_accuracy(),
         "context": {
             "device": str(m.device),
             "dtype": str(m.dtype).replace("torch.", ""),

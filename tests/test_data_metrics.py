@@ -95,10 +95,10 @@ def test_shipped_classifier_accuracy_on_real_test_images():
         pytest.skip(str(e))
     clf = load_fashion_classifier()
     recorded = json.loads((CLASSIFIER_DIR / "config.json").read_text())["test_accuracy"]
-    x = test.images[:2000].float().div(255).unsqueeze(1)
-    acc = class_accuracy(clf, x, test.labels[:2000])
-    assert acc > 0.85 and abs(acc - recorded) < 0.02
-    shuffled = class_accuracy(clf, x, test.labels[:2000].roll(1))
+    x = test.images.float().div(255).unsqueeze(1)  # the whole test split, as recorded
+    acc = class_accuracy(clf, x, test.labels)
+    assert abs(acc - recorded) < 1e-3, (acc, recorded)
+    shuffled = class_accuracy(clf, x, test.labels.roll(1))
     assert shuffled < 0.3  # the accuracy measures the labels, not the images alone
 
 
