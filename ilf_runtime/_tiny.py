@@ -6,12 +6,27 @@ diffusers' zero-initialised projections do not hide a broken code path.
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+
+def _seeded(fn):
+    """Builds under a private RNG state: the caller's global RNG is left as it was."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
 
 NUM_CLASSES = 10
 CAPTION_CHANNELS = 12
 
 
+@_seeded
 def tiny_dit(
     num_layers: int = 4,
     learned_sigma: bool = True,
@@ -37,6 +52,7 @@ def tiny_dit(
     return m.eval()
 
 
+@_seeded
 def tiny_pixart(num_layers: int = 4, learned_sigma: bool = True, sample_size: int = 8, seed=0):
     from diffusers import PixArtTransformer2DModel
 
@@ -66,6 +82,7 @@ def _perturb_zero_inits(model: torch.nn.Module) -> None:
             p.add_(0.02 * torch.randn(p.shape, generator=g))
 
 
+@_seeded
 def tiny_vae():
     from diffusers import AutoencoderKL
 
@@ -83,6 +100,7 @@ def tiny_vae():
     ).eval()
 
 
+@_seeded
 def tiny_text_encoder():
     """A tiny T5 encoder and a word-level tokenizer, made offline."""
     from tokenizers import Tokenizer, models, pre_tokenizers
