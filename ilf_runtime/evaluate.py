@@ -19,7 +19,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EvalArgs", "evaluate", "floor_fid", "markdown_row"]
+__all__ = ["EvalArgs", "evaluate", "markdown_row", "write_results"]
 
 
 @dataclass
@@ -69,12 +69,6 @@ def _recorded_accuracy() -> float | None:
 
     f = CLASSIFIER_DIR / "config.json"
     return json.loads(f.read_text()).get("test_accuracy") if f.is_file() else None
-
-
-def floor_fid(n: int, subsets: int = 5, seed: int = 0) -> dict[str, Any]:
-    from ilf_runtime.metrics import load_fashion_classifier
-
-    return _reference_sets(load_fashion_classifier(), n, subsets, seed)["floor"]
 
 
 def evaluate(model: Any, a: EvalArgs, *, progress: bool = True) -> dict[str, Any]:

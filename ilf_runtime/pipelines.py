@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -275,9 +275,9 @@ def sample(
     """
     from ilf_runtime.solvers import make_solver
 
-    m = to_model(model, scheduler)
-    if scheduler is not None:
-        m.scheduler = scheduler
+    m = to_model(model)
+    if scheduler is not None:  # overrides the model's own noise schedule for this call
+        m = replace(m, scheduler=scheduler)
     if guidance_scale is None:
         guidance_scale = m.default_guidance if m.default_guidance is not None else DEFAULT_GUIDANCE[m.kind]
     if num_steps < 1:
