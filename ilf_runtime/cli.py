@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import fields
 from typing import Any
 
 __all__ = ["build_parser", "main"]
@@ -219,18 +220,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ilf_runtime.evaluate import EvalArgs, evaluate, markdown_row, write_results
     from ilf_runtime.pipelines import load_model
 
-    a = EvalArgs(
-        per_class=args.per_class,
-        steps=args.steps,
-        solver=args.solver,
-        guidance=args.guidance,
-        seed=args.seed,
-        weights=args.weights,
-        loop_steps=args.loop_steps,
-        ref_steps=args.ref_steps,
-        subsets=args.subsets,
-        batch_size=args.batch_size,
-    )
+    a = EvalArgs(**{f.name: getattr(args, f.name) for f in fields(EvalArgs)})
     result = evaluate(load_model(args.model), a, progress=not args.no_progress)
     write_results([result], args.out)
     f = result["fid"]

@@ -8,6 +8,7 @@ the test split), class accuracy, and optionally paired PSNR / MAE against a refe
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import platform
@@ -51,16 +52,31 @@ class EvalArgs:
     batch_size: int = 250
 
 
-def _reference_sets(classifier, n: int, subsets: int, seed: int) -> dict[str, Any]:
+def _to01(images_u8: torch.Tensor) -> torch.Tensor:
+    return images_u8.float().div(255).unsqueeze(1)  # (N, 1, 28, 28) in [0, 1]
+
+
+@functools.lru_cache(maxsize=1)
+def _test_gaussian():
+    """Features of the whole Fashion-MNIST test split under the shipped classifier, fitted once."""
+    from ilf_runtime.data import load_fashion_mnist
+    from ilf_runtime.metrics import Gaussian, extract, load_fashion_classifier
+
+    return Gaussian.fit(extract(load_fashion_classifier().features, _to01(load_fashion_mnist("test").images)))
+
+
+@functools.lru_cache(maxsize=8)
+def _reference_sets(n: int, subsets: int, seed: int) -> dict[str, Any]:
     """Test-split Gaussian and the floor: FID of n train-split images against the test split."""
     from ilf_runtime.data import load_fashion_mnist
-    from ilf_runtime.metrics import Gaussian, extract, fid_with_spread
+    from ilf_runtime.metrics import extract, fid_with_spread, load_fashion_classifier
 
-    test, train = load_fashion_mnist("test"), load_fashion_mnist("train")
-    to01 = lambda u8: u8.float().div(255).unsqueeze(1)
-    ref = Gaussian.fit(extract(classifier.features, to01(test.images)))
+    train = load_fashion_mnist("train")
+    ref = _test_gaussian()
     idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
-    floor = fid_with_spread(extract(classifier.features, to01(train.images[idx])), ref, subsets)
+    floor = fid_with_spread(
+        extract(load_fashion_classifier().features, _to01(train.images[idx])), ref, subsets
+    )
     return {"ref": ref, "floor": floor}
 
 
@@ -84,13 +100,11 @@ def evaluate(model: Any, a: EvalArgs, *, progress: bool = True) -> dict[str, Any
         load_fashion_classifier,
         paired_psnr,
     )
-    from ilf_runtime.pipelines import DEFAULT_GUIDANCE, sample, to_model
+    from ilf_runtime.pipelines import sample, to_model
 
     m = to_model(model)
     if a.guidance is None:
-        a = replace(
-            a, guidance=m.default_guidance if m.default_guidance is not None else DEFAULT_GUIDANCE[m.kind]
-        )
+        a = replace(a, guidance=m.guidance)
     if m.kind != "dit":
         raise ValueError("ilf eval measures class-conditional DiT models; this is a PixArt model")
     num_classes = m.transformer.config.num_embeds_ada_norm
@@ -106,20 +120,17 @@ def evaluate(model: Any, a: EvalArgs, *, progress: bool = True) -> dict[str, Any
     labels = labels.view(num_classes, a.per_class).T.reshape(-1)
     n = labels.numel()
     seeds = list(range(a.seed, a.seed + n))
-    out = sample(
-        m,
-        class_labels=labels,
-        seeds=seeds,
-        num_steps=a.steps,
-        solver=a.solver,
-        guidance_scale=a.guidance,
-        ilf=a.weights,
-        loop_steps=a.loop_steps,
-        batch_size=a.batch_size,
-        progress=progress,
-    )
+    common = {
+        "class_labels": labels,
+        "seeds": seeds,
+        "solver": a.solver,
+        "guidance_scale": a.guidance,
+        "batch_size": a.batch_size,
+        "progress": progress,
+    }
+    out = sample(m, num_steps=a.steps, ilf=a.weights, loop_steps=a.loop_steps, **common)
     clf = load_fashion_classifier()
-    sets = _reference_sets(clf, n, a.subsets, a.seed)
+    sets = _reference_sets(n, a.subsets, a.seed)
     feats = extract(clf.features, out.images)
     result: dict[str, Any] = {
         "model": m.name or type(m.transformer).__name__,
@@ -145,16 +156,7 @@ def evaluate(model: Any, a: EvalArgs, *, progress: bool = True) -> dict[str, Any
         },
     }
     if a.ref_steps:
-        ref = sample(
-            m,
-            class_labels=labels,
-            seeds=seeds,
-            num_steps=a.ref_steps,
-            solver=a.solver,
-            guidance_scale=a.guidance,
-            batch_size=a.batch_size,
-            progress=progress,
-        )
+        ref = sample(m, num_steps=a.ref_steps, **common)
         pp = paired_psnr(out.images, ref.images)
         pp.pop("per_image_psnr")
         result["paired_vs_ref"] = pp | {"ref_steps": a.ref_steps}

@@ -255,7 +255,7 @@ def apply_ilf(
 
     transformer = unwrap_transformer(model)
     kind = model_kind(transformer)
-    if get_ilf(transformer) is not None or hasattr(transformer, ATTR):
+    if hasattr(transformer, ATTR):
         raise RuntimeError("ILF is already applied to this transformer; call remove_ilf first")
     weights = None
     if isinstance(config_or_weights, ILFConfig):

@@ -107,6 +107,12 @@ class Model:
         return next(self.transformer.parameters()).dtype
 
     @property
+    def guidance(self) -> float:
+        """The guidance scale used when a call gives none: the model's recorded default, else the
+        diffusers pipeline's own default."""
+        return self.default_guidance if self.default_guidance is not None else DEFAULT_GUIDANCE[self.kind]
+
+    @property
     def latent_shape(self) -> tuple[int, int, int]:
         c = self.transformer.config
         return (c.in_channels, c.sample_size, c.sample_size)
@@ -182,7 +188,7 @@ def load_model(
     return model.to(device)
 
 
-def to_model(obj: Any, scheduler: Any = None) -> Model:
+def to_model(obj: Any) -> Model:
     """Wraps a pipeline or a bare transformer into a `Model`."""
     if isinstance(obj, Model):
         return obj
@@ -193,7 +199,7 @@ def to_model(obj: Any, scheduler: Any = None) -> Model:
         raise TypeError(f"expected a pipeline, a transformer or a model path, got {type(obj).__name__}")
     model_kind(transformer)
     is_pipe = transformer is not obj
-    sched = scheduler or (obj.scheduler if is_pipe else _scheduler_from_config(DEFAULT_SCHEDULER))
+    sched = obj.scheduler if is_pipe else _scheduler_from_config(DEFAULT_SCHEDULER)
     vae = getattr(obj, "vae", None) if is_pipe else None
     return Model(transformer, sched, vae=vae, pipeline=obj if is_pipe else None)
 
@@ -279,7 +285,7 @@ def sample(
     if scheduler is not None:  # overrides the model's own noise schedule for this call
         m = replace(m, scheduler=scheduler)
     if guidance_scale is None:
-        guidance_scale = m.default_guidance if m.default_guidance is not None else DEFAULT_GUIDANCE[m.kind]
+        guidance_scale = m.guidance
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
 

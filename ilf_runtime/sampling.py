@@ -164,8 +164,6 @@ def denoise(
     mask = [True] * n if loop_mask is None else list(loop_mask)
     if len(mask) != n:
         raise ValueError(f"loop_mask has {len(mask)} entries for {n} steps")
-    if loop is None and any(mask) and loop_mask is not None:
-        logger.debug("loop_mask given but no ILF loop is applied; running the plain model")
 
     x = noise
     state = solver.init_state()
