@@ -1,4 +1,4 @@
-"""The `ilf` command line: `ilf sample`, `ilf info`.
+"""The `ilf` command line: `ilf sample`, `ilf eval`, `ilf info`, `ilf train`.
 
 Flags map onto the keyword arguments of `ilf_runtime.sample`. Errors in the arguments or in the
 inputs (missing model, bad weights file, wrong labels) end with a one-line message and exit code 2,
@@ -97,6 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=_positive, default=250)
     e.add_argument("--out", default="eval", help="output path stem: writes STEM.json and STEM.md")
     e.add_argument("--no-progress", action="store_true")
+
+    from ilf_runtime.train import add_arguments
+
+    t = sub.add_parser(
+        "train",
+        help="distil feedback weights from a frozen backbone",
+        description="Train the feedback module of an ILF loop by distillation from the frozen backbone; "
+        "runs data-parallel under torchrun.",
+    )
+    add_arguments(t)
 
     i = sub.add_parser("info", help="print a feedback weights file's metadata")
     i.add_argument("file", help="feedback weights file (.safetensors)")
@@ -238,7 +248,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"sample": cmd_sample, "info": cmd_info, "eval": cmd_eval}
+def cmd_train(args: argparse.Namespace) -> int:
+    from ilf_runtime.train import args_from_namespace, main
+
+    result = main(args_from_namespace(args))
+    if "weights" in result:
+        v = result.get("validation") or {}
+        print(f"wrote {result['weights']} after {result['step']} steps ({result['seconds']:.0f} s)")
+        if v:
+            print(
+                f"validation: {v['psnr']:.2f} dB vs the teacher, {v['gain_db']:+.2f} +- {v['gain_se']:.2f} dB "
+                f"over plain {v['equal_cost_steps']} steps"
+            )
+    elif "stopped" in result:
+        print(f"stopped at step {result['step']} ({result['stopped']}); continue with --resume")
+        return 130 if result["stopped"] == "signal" else 0
+    return 0
+
+
+COMMANDS = {"sample": cmd_sample, "info": cmd_info, "eval": cmd_eval, "train": cmd_train}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except (UsageError, WeightsError, ValueError, FileNotFoundError, RuntimeError) as e:
+    except (UsageError, WeightsError, ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
         parser.exit(2, f"ilf {args.command}: error: {e}\n")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

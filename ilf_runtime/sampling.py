@@ -25,7 +25,7 @@ from ilf_runtime.ilf import get_ilf, model_kind
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Conditioning", "denoise", "dit_conditioning", "make_noise", "pixart_conditioning"]
+__all__ = ["Conditioning", "denoise", "dit_conditioning", "make_noise", "pixart_conditioning", "predict"]
 
 
 @dataclass
@@ -128,6 +128,24 @@ def _guide(eps: torch.Tensor, scale: float, uncond_first: bool) -> torch.Tensor:
     return uncond + scale * (cond - uncond)
 
 
+def predict(
+    transformer: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance_scale: float = 1.0
+) -> torch.Tensor:
+    """One model evaluation as the sampler sees it: the (guided) model output for the latent
+    channels at timestep `t` (a 0-dim or (B,) tensor). Differentiable; the trainer calls it too."""
+    guided = guidance_scale > 1.0
+    c_lat = transformer.config.in_channels
+    x_in = torch.cat([x, x]) if guided else x
+    t = t.expand(x_in.shape[0])
+    out = transformer(x_in, timestep=t, return_dict=False, **cond.kwargs(guided))[0]
+    if cond.kind == "dit":  # DiTPipeline guides the epsilon channels, then drops learned sigma
+        eps = out[:, :c_lat]
+        return _guide(eps, guidance_scale, cond.uncond_first) if guided else eps
+    # PixArt pipelines guide all channels, then drop learned sigma
+    eps = _guide(out, guidance_scale, cond.uncond_first) if guided else out
+    return eps[:, :c_lat]
+
+
 @torch.no_grad()
 def denoise(
     transformer: nn.Module,
@@ -156,10 +174,8 @@ def denoise(
     c_out = transformer.out_channels
     if c_out not in (c_lat, 2 * c_lat):
         raise ValueError(f"transformer has {c_out} output channels; expected {c_lat} or {2 * c_lat}")
-    guided = guidance_scale > 1.0
-    if guided and cond.model_kwargs is None:
+    if guidance_scale > 1.0 and cond.model_kwargs is None:
         raise ValueError("guidance_scale > 1 needs negative prompt embeddings")
-    kwargs = cond.kwargs(guided)
     loop = get_ilf(transformer)
     mask = [True] * n if loop_mask is None else list(loop_mask)
     if len(mask) != n:
@@ -171,16 +187,7 @@ def denoise(
         for i in range(n):
             if loop is not None:
                 loop.active = bool(mask[i])
-            x_in = torch.cat([x, x]) if guided else x
-            t = solver.timesteps[i].expand(x_in.shape[0])
-            out = transformer(x_in, timestep=t, return_dict=False, **kwargs)[0]
-            if cond.kind == "dit":  # DiTPipeline guides the epsilon channels, then drops learned sigma
-                eps = out[:, :c_lat]
-                if guided:
-                    eps = _guide(eps, guidance_scale, cond.uncond_first)
-            else:  # PixArt pipelines guide all channels, then drop learned sigma
-                eps = _guide(out, guidance_scale, cond.uncond_first) if guided else out
-                eps = eps[:, :c_lat]
+            eps = predict(transformer, x, solver.timesteps[i], cond, guidance_scale)
             if cond.kind == "pixart" and n == 1:  # PixArt's one-step (DMD) path returns the x0 prediction
                 x = solver.predict_x0(i, x, eps)
             else:

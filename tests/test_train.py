@@ -1,0 +1,283 @@
+"""The distillation trainer on tiny models: it learns, touches nothing but the feedback module,
+resumes exactly, runs data-parallel under torchrun, stops on a non-finite loss, and writes a
+weights file that `apply_ilf` loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ilf_runtime import apply_ilf, load_ilf_weights, remove_ilf
+from ilf_runtime.ilf import get_ilf
+from ilf_runtime.pipelines import load_model
+from ilf_runtime.train import Distiller, TrainArgs, main
+from tests.conftest import tiny_dit, tiny_pixart
+
+
+@pytest.fixture
+def dit_dir(tmp_path: Path) -> str:
+    path = tmp_path / "dit"
+    tiny_dit(num_layers=4).save_pretrained(path)
+    return str(path)
+
+
+def _args(model: str, out: Path, **kw) -> TrainArgs:
+    base = {
+        "model": model,
+        "out": str(out),
+        "loop_start": 1,
+        "loop_end": 2,
+        "loop_steps": "all",
+        "steps": 2,
+        "teacher_steps": 4,
+        "states": "teacher",
+        "bank_size": 16,
+        "batch_size": 8,
+        "train_steps": 6,
+        "warmup": 1,
+        "lr": 3e-3,
+        "ema": 0.5,
+        "val_samples": 4,
+        "ckpt_every": 2,
+        "progress": False,
+        "device": "cpu",
+    }
+    return TrainArgs(**(base | kw))
+
+
+def _held_out_loss(model, a: TrainArgs) -> float:
+    from ilf_runtime.distributed import DistInfo
+
+    d = Distiller(model, get_ilf(model.transformer), a, DistInfo())
+    with torch.no_grad():
+        return sum(float(d.loss(10_000 + s)[0]) for s in range(4)) / 4
+
+
+def test_training_reduces_loss_and_touches_only_feedback(dit_dir, tmp_path):
+    a = _args(dit_dir, tmp_path / "run", train_steps=25, ema=0.0)
+    model = load_model(dit_dir)
+    before = {k: v.clone() for k, v in model.transformer.state_dict().items()}
+    loop = apply_ilf(model.transformer, a.ilf_config())
+    initial = _held_out_loss(model, a)  # scales at zero: the plain model's error
+    remove_ilf(model.transformer)
+
+    result = main(a, model=model)
+    assert result["finished"] and result["step"] == 25
+    loop = get_ilf(model.transformer)
+    trained = _held_out_loss(model, a)
+    assert trained < 0.7 * initial, (initial, trained)
+    assert loop.scales.abs().max() > 0
+    for name, p in model.transformer.named_parameters():
+        if name.startswith("ilf_loop."):
+            assert p.grad is not None
+        else:
+            assert p.grad is None and not p.requires_grad, name
+    remove_ilf(model.transformer)
+    after = model.transformer.state_dict()
+    assert set(after) == set(before)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_weights_file_loads_with_apply_ilf(dit_dir, tmp_path):
+    from ilf_runtime import sample
+
+    result = main(_args(dit_dir, tmp_path / "run"))
+    w = load_ilf_weights(result["weights"])
+    assert w.metadata["sampler"] == {
+        "guidance_scale": 4.0,
+        "loop_steps": "all",
+        "num_steps": 2,
+        "solver": "ddim",
+        "teacher_steps": 4,
+    }
+    assert w.metadata["training"]["steps"] == 6
+    model = load_model(dit_dir)
+    plain = sample(model, class_labels=[0, 1], num_steps=2, seed=3)
+    looped = sample(model, class_labels=[0, 1], num_steps=2, seed=3, ilf=result["weights"])
+    assert (plain.latents - looped.latents).abs().max() > 1e-6
+    csv_rows = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    assert len(csv_rows) == 7 and csv_rows[0].startswith("step,loss")
+    val = (tmp_path / "run" / "val.csv").read_text().splitlines()
+    assert len(val) == 2 and val[1].startswith("6,")
+
+
+def _weights(path: str) -> dict[str, torch.Tensor]:
+    return load_file(path)
+
+
+@pytest.mark.parametrize("how", ["max_minutes", "signal"])
+def test_interrupt_and_resume_matches_uninterrupted(dit_dir, tmp_path, monkeypatch, how):
+    full = main(_args(dit_dir, tmp_path / "full", target="trajectory+fast", feature_weight=0.1))
+    a = _args(dit_dir, tmp_path / "cut", target="trajectory+fast", feature_weight=0.1)
+    if how == "max_minutes":
+        first = main(replace(a, max_minutes=1e-9))  # stops after the first step
+        assert first["stopped"] == "max_minutes" and first["step"] == 1
+    else:
+        real = Distiller.loss
+
+        def loss_then_ctrl_c(self, step):
+            if step == 3:
+                os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C would; the step still completes
+            return real(self, step)
+
+        monkeypatch.setattr(Distiller, "loss", loss_then_ctrl_c)
+        first = main(a)
+        assert first["stopped"] == "signal" and first["step"] == 4
+        monkeypatch.setattr(Distiller, "loss", real)
+    assert not (tmp_path / "cut" / "feedback.safetensors").exists()
+    resumed = main(replace(a, resume=True))
+    assert resumed["finished"] and resumed["step"] == 6
+    wa, wb = _weights(full["weights"]), _weights(resumed["weights"])
+    assert set(wa) == set(wb)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
+    log = (tmp_path / "cut" / "log.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in log[1:]] == [str(s) for s in range(1, 7)]
+
+
+def test_resume_refuses_other_arguments(dit_dir, tmp_path):
+    a = _args(dit_dir, tmp_path / "run", train_steps=2)
+    main(a)
+    with pytest.raises(ValueError, match="different arguments: lr"):
+        main(replace(a, lr=1.0, resume=True))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        main(replace(a, out=str(tmp_path / "nothing"), resume=True))
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(dit_dir, tmp_path, monkeypatch):
+    from ilf_runtime.train import load_checkpoint
+
+    real = Distiller.loss
+
+    def nan_at_3(self, step):
+        loss, parts = real(self, step)
+        return (loss * float("nan") if step == 3 else loss), parts
+
+    monkeypatch.setattr(Distiller, "loss", nan_at_3)
+    a = _args(dit_dir, tmp_path / "run")
+    with pytest.raises(FloatingPointError, match="non-finite training loss at step 3"):
+        main(a)
+    model = load_model(dit_dir)
+    loop = apply_ilf(model.transformer, a.ilf_config())
+    params = list(loop.parameters())
+    opt = torch.optim.AdamW(params)
+    step, _ = load_checkpoint(
+        tmp_path / "run" / "checkpoint.safetensors", loop, [p.clone() for p in params], opt, a
+    )
+    assert step == 2 and all(torch.isfinite(p).all() for p in params)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"solver": "dpmpp_2m"},
+        {"unroll": 2, "loss_space": "x"},
+        {"rollout": 1, "loop_steps": "last:1", "teacher_steps": 4},
+        {"target": "fast", "scale_shape": "channel", "feedback_init": "copy:1"},
+        {"states": "teacher", "bank_refresh": 2, "feature_weight": 1.0},
+    ],
+)
+def test_training_variants_run(dit_dir, tmp_path, kw):
+    result = main(_args(dit_dir, tmp_path / "run", train_steps=3, **kw))
+    assert result["finished"]
+    rows = (tmp_path / "run" / "log.csv").read_text().splitlines()[1:]
+    assert all(float(r.split(",")[1]) == float(r.split(",")[1]) for r in rows)  # finite, not NaN
+
+
+def test_data_states_on_a_fashion_shaped_dit(tmp_path):
+    path = tmp_path / "fdit"
+    tiny_dit(num_layers=3, in_channels=1, num_classes=10, learned_sigma=False).save_pretrained(path)
+    result = main(_args(str(path), tmp_path / "run", states="data", guidance=1.0, loop_start=0, loop_end=1))
+    assert result["finished"]
+
+
+def test_pixart_trains_from_prompt_embeddings(tmp_path):
+    from safetensors.torch import save_file
+
+    from ilf_runtime._tiny import CAPTION_CHANNELS
+
+    path = tmp_path / "pixart"
+    tiny_pixart(num_layers=3).save_pretrained(path)
+    g = torch.Generator().manual_seed(0)
+    emb = tmp_path / "embeds.safetensors"
+    save_file(
+        {
+            "prompt_embeds": torch.randn(3, 5, CAPTION_CHANNELS, generator=g),
+            "negative_prompt_embeds": torch.zeros(1, 5, CAPTION_CHANNELS),
+        },
+        str(emb),
+    )
+    result = main(_args(str(path), tmp_path / "run", prompt_embeds=str(emb), train_steps=3))
+    assert result["finished"]
+    with pytest.raises(ValueError, match="--prompt-embeds"):
+        main(_args(str(path), tmp_path / "run2"))
+
+
+def test_bad_arguments_are_named(dit_dir, tmp_path):
+    with pytest.raises(ValueError, match="teacher_steps"):
+        _args(dit_dir, tmp_path, teacher_steps=5, steps=2)
+    with pytest.raises(ValueError, match="target"):
+        _args(dit_dir, tmp_path, target="trajectory+magic")
+    with pytest.raises(ValueError, match="multistep"):
+        main(_args(dit_dir, tmp_path / "r", solver="dpmpp_2m", states="data"))
+    with pytest.raises(ValueError, match="loops no step"):
+        main(_args(dit_dir, tmp_path / "r", loop_steps="none"))
+    with pytest.raises(ValueError, match="Fashion-MNIST"):
+        main(_args(dit_dir, tmp_path / "r", states="data"))
+
+
+def test_cli_train(dit_dir, tmp_path, capsys):
+    from ilf_runtime.cli import main as cli
+
+    rc = cli(
+        ["train", "--model", dit_dir, "--out", str(tmp_path / "run"), "--loop-start", "1", "--loop-end", "2",
+         "--steps", "2", "--teacher-steps", "4", "--states", "teacher", "--bank-size", "8", "--batch-size", "4",
+         "--train-steps", "2", "--val-samples", "4", "--no-progress", "--device", "cpu"]
+    )  # fmt: skip
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "wrote" in out and "validation:" in out
+    with pytest.raises(SystemExit) as e:
+        cli(
+            [
+                "train",
+                "--model",
+                dit_dir,
+                "--out",
+                str(tmp_path / "r2"),
+                "--steps",
+                "3",
+                "--teacher-steps",
+                "4",
+            ]
+        )
+    assert e.value.code == 2
+    assert "teacher_steps" in capsys.readouterr().err
+
+
+def test_torchrun_two_ranks_end_with_identical_weights(dit_dir, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+        "-m", "ilf_runtime", "train", "--model", dit_dir, "--out", str(out), "--loop-start", "1", "--loop-end", "2",
+        "--steps", "2", "--teacher-steps", "4", "--states", "teacher", "--bank-size", "8", "--batch-size", "4",
+        "--train-steps", "4", "--ckpt-every", "2", "--val-samples", "5", "--no-progress", "--device", "cpu",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    digests = summary["rank_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    w = load_ilf_weights(out / "feedback.safetensors")
+    assert w.metadata["training"]["world_size"] == 2
+    assert w.metadata["content_sha256"] == digests[0]
