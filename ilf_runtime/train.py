@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -93,6 +94,8 @@ class TrainArgs:
         states: ``data`` (noised Fashion-MNIST; bundled-model-like DiTs) or ``teacher`` (trajectories).
         bank_size: teacher trajectories per rank in the bank.
         bank_refresh: regenerate the bank every this many steps (0: never).
+        bank_cache: directory where banks are kept and reused across runs (keyed by a hash of the
+            backbone's weights, the schedule, the bank's seed and size).
         prompt_embeds: PixArt: safetensors file with ``prompt_embeds`` [, masks, ``negative_*``].
         train_steps: optimiser steps.
         batch_size: samples per step and rank.
@@ -132,6 +135,7 @@ class TrainArgs:
     states: str = "data"
     bank_size: int = 1024
     bank_refresh: int = 0
+    bank_cache: str | None = None
     prompt_embeds: str | None = None
     train_steps: int = 1000
     batch_size: int = 64
@@ -223,6 +227,16 @@ def _output_coeff(solver, i: int) -> float:
     one = solver.step(i, x.to(dev), torch.ones(1, device=dev), st1)
     zero = solver.step(i, x.to(dev), torch.zeros(1, device=dev), st0)
     return float((one - zero).double())
+
+
+def _content_fingerprint(module: nn.Module) -> str:
+    """A hash of the backbone's weights (a bank depends on their values, not only their shapes)."""
+    h = hashlib.sha256()
+    for name, p in sorted(module.state_dict().items()):
+        if not name.startswith("ilf_loop."):
+            h.update(name.encode())
+            h.update(p.detach().float().sum().double().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _alphas(scheduler, device) -> torch.Tensor:
@@ -383,9 +397,52 @@ class Distiller:
         self.labels = ds.labels
         return to_model_range(ds.images, c.sample_size)  # (60000, 1, S, S) in [-1, 1]
 
+    def _bank_file(self, bank_id: int) -> Path | None:
+        """Where a bank is cached: its name hashes everything it depends on."""
+        if not self.a.bank_cache:
+            return None
+        from ilf_runtime.weights import backbone_fingerprint
+
+        a = self.a
+        key = json.dumps(
+            [
+                backbone_fingerprint(self.tf),
+                _content_fingerprint(self.tf),
+                self.T.describe(),
+                a.steps,
+                a.teacher_steps,
+                self.guidance,
+                a.bank_size,
+                a.seed,
+                self.info.rank,
+                bank_id,
+                a.prompt_embeds,
+            ],
+            sort_keys=True,
+            default=str,
+        )
+        return Path(a.bank_cache) / f"bank-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+
     @torch.no_grad()
     def build_bank(self, bank_id: int) -> None:
         """Teacher trajectories from noise: the state at every student grid point (and the end)."""
+        from safetensors.torch import load_file, save_file
+
+        cached = self._bank_file(bank_id)
+        if cached is not None and cached.is_file():
+            t = load_file(str(cached))
+            self.bank = {"x": t["x"].to(self.m.device), "idx": t["idx"]}
+            self.bank_id = bank_id
+            return
+        self._make_bank(bank_id)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=cached.parent, suffix=".tmp")
+            os.close(fd)
+            save_file({"x": self.bank["x"].cpu().contiguous(), "idx": self.bank["idx"]}, tmp)
+            os.replace(tmp, cached)
+
+    def _make_bank(self, bank_id: int) -> None:
         a, n = self.a, self.a.bank_size
         g = step_generator(a.seed, self.info.rank, bank_id, stream=7)
         idx = torch.randint(0, self.conds.n, (n,), generator=g)
@@ -603,7 +660,7 @@ def save_checkpoint(
 
 
 # Arguments that may change between an interrupted run and its resumption.
-_RESUMABLE = {"resume", "max_minutes", "progress", "val_every", "ckpt_every", "device", "out"}
+_RESUMABLE = {"resume", "max_minutes", "progress", "val_every", "ckpt_every", "device", "out", "bank_cache"}
 
 
 def load_checkpoint(
