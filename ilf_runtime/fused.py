@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "apply_fused_blocks",
+    "cached_tensors",
     "fuse_block",
     "has_fused_blocks",
     "is_fused",
@@ -257,6 +258,15 @@ def has_fused_blocks(model: Any) -> bool:
 
     blocks = unwrap_transformer(model).transformer_blocks
     return len(blocks) > 0 and is_fused(blocks[0])
+
+
+def cached_tensors(model: Any) -> list[torch.Tensor]:
+    """The concatenated QKV weights the fused blocks hold (what a captured graph reads besides the
+    parameters)."""
+    from ilf_runtime.ilf import unwrap_transformer
+
+    hooks = [_hook(b) for b in _fusable_blocks(unwrap_transformer(model))]
+    return [t for h in hooks if h is not None and h._qkv is not None for t in h._qkv if t is not None]
 
 
 def run_block(
