@@ -204,3 +204,12 @@ def test_cuda_graph_recaptures_only_on_new_key():
     assert cache.builds == 4
     eager = sample(model, class_labels=[1, 2], **{**kw, "cuda_graph": False})
     torch.testing.assert_close(a.latents, eager.latents, rtol=0, atol=0)
+
+
+def test_cli_cuda_graph_flag_needs_cuda(capsys):
+    from ilf_runtime.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--model", "tiny-random", "--cuda-graph", "--out", "unused.png"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--cuda-graph needs a CUDA device, got --device cpu" in err
