@@ -41,7 +41,11 @@ if ! "$PY" -c "import diffusers" 2>/dev/null; then
     "$WHEELS"/*.whl || { log "installing the wheels failed"; exit 2; }
   export PYTHONPATH=/tmp/ilf_site${PYTHONPATH:+:$PYTHONPATH}
 fi
-log "diffusers $("$PY" -c 'import diffusers; print(diffusers.__version__)')"
+if ! v=$("$PY" -c 'import diffusers; print(diffusers.__version__)' 2>&1); then
+  log "diffusers does not import (a dependency missing here? carry its wheel too): $(echo "$v" | tail -1)"
+  exit 2
+fi
+log "diffusers $v"
 
 # 2. build against this machine's torch
 export ILF_CUDA_BUILD=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}

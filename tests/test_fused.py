@@ -202,18 +202,29 @@ def test_unsupported_blocks_named(model):
         apply_fused_blocks(torch.nn.Linear(2, 2))
 
 
-def test_bf16_fused_error_within_twice_eager(model):
-    """In bf16 the fused forward is no further from the fp32 model than diffusers' eager bf16 forward
-    is (times two; the flash-attention rule)."""
+@pytest.mark.parametrize(
+    "device,dtype",
+    [
+        ("cpu", torch.bfloat16),
+        pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu),
+        pytest.param("cuda", torch.float16, marks=pytest.mark.gpu),
+    ],
+)
+def test_low_precision_fused_error_within_twice_eager(model, device, dtype):
+    """In bf16 / fp16 the fused forward is no further from the fp32 model than diffusers' own forward
+    in the same dtype is, times two (the flash-attention rule); on a GPU this runs the CUDA kernels
+    and PyTorch's flash / memory-efficient SDPA."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
     x, t, kw = _inputs(model)
+    model.to(device)
+    x, t = x.to(device), t.to(device)
+    kw = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in kw.items()}
     ref = _run(model, x, t, kw).double()
-    model.to(torch.bfloat16)
-    kw16 = {
-        k: (v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v)
-        for k, v in kw.items()
-    }
-    eager = _run(model, x.to(torch.bfloat16), t, kw16).double()
+    model.to(dtype)
+    kw16 = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kw.items()}
+    eager = _run(model, x.to(dtype), t, kw16).double()
     apply_fused_blocks(model)
-    fused = _run(model, x.to(torch.bfloat16), t, kw16).double()
+    fused = _run(model, x.to(dtype), t, kw16).double()
     err_eager, err_fused = (eager - ref).abs().max().item(), (fused - ref).abs().max().item()
     assert err_fused <= 2 * err_eager, (err_fused, err_eager)

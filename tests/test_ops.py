@@ -471,7 +471,7 @@ def test_cuda_gated_residual_misaligned_and_mixed(dtype):
     y = _randn(b, t, d, seed=1, dtype=dtype).cuda()
     gate, *_ = _randn(b, 6 * d, seed=2, dtype=dtype).cuda().chunk(6, dim=1)  # row stride 6 * D
     f = _randn(b, t, d, seed=3, dtype=dtype).cuda()
-    args = (x, gate, y, _randn(d, seed=4).cuda(), f, _randn((), seed=5).cuda())  # fp32 table and s
+    args = (x, gate, y, _randn(d, seed=4).cuda(), f, _randn(seed=5).cuda())  # fp32 table and s
     _check_against_ref(torch.ops.ilf.gated_residual(*args), ops.gated_residual_ref, args, dtype)
 
 
