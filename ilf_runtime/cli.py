@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     s.add_argument("--out", default="samples.png", help="output PNG grid (default samples.png)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="run each batch's denoising loop as one CUDA graph (CUDA only)",
+    )
 
     e = sub.add_parser(
         "eval",
@@ -133,6 +138,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from ilf_runtime.pipelines import MODEL_NAMES, load_model, sample
 
     dtype = getattr(torch, DTYPES[args.dtype])
+    if args.cuda_graph and torch.device(args.device).type != "cuda":
+        raise UsageError(f"--cuda-graph needs a CUDA device, got --device {args.device}")
     model = load_model(args.model, device=args.device, dtype=dtype)
     if args.model in MODEL_NAMES:
         print(f"model: {args.model}: {model.note}")
@@ -177,6 +184,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         loop_steps=args.loop_steps,
         batch_size=args.batch_size,
         progress=not args.no_progress,
+        cuda_graph=args.cuda_graph,
         **kw,
     )
     path = save_grid(out.images, args.out, nrow=n)

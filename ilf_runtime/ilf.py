@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ilf_runtime import ops
+from ilf_runtime import fused, ops
 from ilf_runtime.config import ILFConfig
 
 logger = logging.getLogger(__name__)
@@ -221,9 +221,11 @@ class FeedbackLoop(nn.Module):
         blocks = self.loop_blocks()
         for _ in range(self.config.loop_iters):
             f = self.feedback(h, **kw_f)  # (B, T, D)
-            h = st.h_a
+            h = ops.feedback_inject(st.h_a, f, self.scales[0])
             for i, block in enumerate(blocks):
-                h = block(ops.feedback_inject(h, f, self.scales[i]), **kw)
+                # the next block's injection h + s[i + 1] * f, fused into this block's epilogue if it can
+                nxt = (f, self.scales[i + 1]) if i + 1 < len(blocks) else None
+                h = fused.run_block(block, h, kw, nxt)
         return h
 
     def extra_repr(self) -> str:
@@ -278,6 +280,8 @@ def apply_ilf(
     if weights is not None:
         weights.load_into(loop)
     loop.train(transformer.training)
+    if fused.has_fused_blocks(transformer):  # the feedback block runs like the backbone's blocks
+        fused.fuse_block(loop.feedback)
     transformer.add_module(ATTR, loop)
     loop._attach(transformer)
     logger.info("ILF applied to %s (%s): %s", type(transformer).__name__, kind, loop.extra_repr())

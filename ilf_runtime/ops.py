@@ -21,19 +21,34 @@ from ilf_runtime._ext import ext_status
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ada_layernorm", "ada_layernorm_ref", "feedback_inject", "feedback_inject_ref"]
+__all__ = [
+    "ada_layernorm",
+    "ada_layernorm_ref",
+    "feedback_inject",
+    "feedback_inject_ref",
+    "gated_residual",
+    "gated_residual_ref",
+]
 
 # Whether the compiled op beats the eager reference, per (op, device type, dtype), from
 # benchmarks/results/cpu_ops.md (2 threads, AVX-512 CPU, four sizes): fp32 feedback_inject is no
 # faster (geometric-mean speed-up ~1.0x; the reference is one addcmul pass), every other kernel is
 # at least 1.7x faster at every size. Rerun benchmarks/cpu_ops.py to refresh. Missing entries mean "use the
-# reference": float16 on the CPU (not benchmarked) and every CUDA entry until a GPU benchmark
-# fills them in.
+# reference": float16 and gated_residual on the CPU (not benchmarked).
+# CUDA entries are set by design, not yet by measurement: each kernel makes one pass over memory where
+# the eager reference makes three to five (casts, layer_norm, modulation, residual, injection) and
+# launches as many kernels. benchmarks/gpu_bench.py times every kernel against its reference
+# ("kernels" table in its report); revise these entries from that table.
 _PREFER_EXT: dict[tuple[str, str, torch.dtype], bool] = {
     ("feedback_inject", "cpu", torch.float32): False,  # fp32 addcmul is already one pass
     ("feedback_inject", "cpu", torch.bfloat16): True,
     ("ada_layernorm", "cpu", torch.float32): True,
     ("ada_layernorm", "cpu", torch.bfloat16): True,
+    **{
+        (op, "cuda", dt): True
+        for op in ("feedback_inject", "ada_layernorm", "gated_residual")
+        for dt in (torch.float32, torch.bfloat16, torch.float16)
+    },
 }
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -83,25 +98,79 @@ def _check_feedback_inject(h: torch.Tensor, f: torch.Tensor, s: torch.Tensor, ke
     _check(s.device == h.device, op, f"s must be on the device of h ({h.device}), got {s.device}")
 
 
-def _check_ada_layernorm(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, kernel: bool = False
-) -> None:
-    op = "ada_layernorm"
+def _check_x(op: str, x: torch.Tensor, kernel: bool) -> None:
     _check(x.dim() == 3, op, f"x must have shape (B, T, D), got {tuple(x.shape)}")
     if kernel:
         _check(x.dtype in _KERNEL_DTYPES, op, f"x must be float32, bfloat16 or float16, got {_dtype(x)}")
     _check(x.dtype.is_floating_point, op, f"x must be a floating-point tensor, got {_dtype(x)}")
+
+
+def _check_modulation(op: str, name: str, m: torch.Tensor, x: torch.Tensor) -> None:
     b, _, d = x.shape
-    for name, m in (("shift", shift), ("scale", scale)):
-        _check(
-            m.shape in ((b, d), (b, 1, d)),
-            op,
-            f"{name} must have shape (B, D)=({b}, {d}) or (B, 1, D)=({b}, 1, {d}), got {tuple(m.shape)}",
-        )
-        _check(m.dtype.is_floating_point, op, f"{name} must be a floating-point tensor, got {_dtype(m)}")
+    _check(
+        m.shape in ((b, d), (b, 1, d)),
+        op,
+        f"{name} must have shape (B, D)=({b}, {d}) or (B, 1, D)=({b}, 1, {d}), got {tuple(m.shape)}",
+    )
+    _check(m.dtype.is_floating_point, op, f"{name} must be a floating-point tensor, got {_dtype(m)}")
+
+
+def _check_table(op: str, name: str, t: torch.Tensor | None, x: torch.Tensor) -> None:
+    if t is None:
+        return
+    d = x.shape[2]
+    _check(t.shape == (d,), op, f"{name} must have shape (D,)=({d},), got {tuple(t.shape)}")
+    _check(t.dtype.is_floating_point, op, f"{name} must be a floating-point tensor, got {_dtype(t)}")
+    _check(t.device == x.device, op, f"{name} must be on the device of x ({x.device}), got {t.device}")
+
+
+def _check_ada_layernorm(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    shift_table: torch.Tensor | None = None,
+    scale_table: torch.Tensor | None = None,
+    kernel: bool = False,
+) -> None:
+    op = "ada_layernorm"
+    _check_x(op, x, kernel)
+    _check_modulation(op, "shift", shift, x)
+    _check_modulation(op, "scale", scale, x)
     _check(eps >= 0, op, f"eps must be >= 0, got {eps:g}")
     for name, m in (("shift", shift), ("scale", scale)):
         _check(m.device == x.device, op, f"{name} must be on the device of x ({x.device}), got {m.device}")
+    _check_table(op, "shift_table", shift_table, x)
+    _check_table(op, "scale_table", scale_table, x)
+
+
+def _check_gated_residual(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    y: torch.Tensor,
+    gate_table: torch.Tensor | None,
+    f: torch.Tensor | None,
+    s: torch.Tensor | None,
+    kernel: bool = False,
+) -> None:
+    op = "gated_residual"
+    _check_x(op, x, kernel)
+    _check(y.shape == x.shape, op, f"y must have shape (B, T, D)={tuple(x.shape)}, got {tuple(y.shape)}")
+    _check(y.dtype == x.dtype, op, f"y must have the dtype of x ({_dtype(x)}), got {_dtype(y)}")
+    _check_modulation(op, "gate", gate, x)
+    for name, t in (("y", y), ("gate", gate)):
+        _check(t.device == x.device, op, f"{name} must be on the device of x ({x.device}), got {t.device}")
+    _check_table(op, "gate_table", gate_table, x)
+    _check((f is None) == (s is None), op, "f and s must be given together")
+    if f is None:
+        return
+    d = x.shape[2]
+    _check(f.shape == x.shape, op, f"f must have shape (B, T, D)={tuple(x.shape)}, got {tuple(f.shape)}")
+    _check(f.dtype == x.dtype, op, f"f must have the dtype of x ({_dtype(x)}), got {_dtype(f)}")
+    _check(s.dtype.is_floating_point, op, f"s must be a floating-point tensor, got {_dtype(s)}")
+    _check(s.shape in ((), (d,)), op, f"s must be 0-dim or shape (D,)=({d},), got {tuple(s.shape)}")
+    for name, t in (("f", f), ("s", s)):
+        _check(t.device == x.device, op, f"{name} must be on the device of x ({x.device}), got {t.device}")
 
 
 def feedback_inject_ref(h: torch.Tensor, f: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -112,15 +181,46 @@ def feedback_inject_ref(h: torch.Tensor, f: torch.Tensor, s: torch.Tensor) -> to
     return out.to(h.dtype)
 
 
-def ada_layernorm_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """Reference of `ada_layernorm`: ``layer_norm(x) * (1 + scale) + shift`` in (at least) fp32."""
-    _check_ada_layernorm(x, shift, scale, eps)
-    b, _, d = x.shape
+def _mod(m: torch.Tensor, table: torch.Tensor | None, ct: torch.dtype) -> torch.Tensor:
+    """A (B, D) / (B, 1, D) modulation plus its optional (D,) table row, as (B, 1, D) in ct."""
+    b, d = m.shape[0], m.shape[-1]
+    m = m.reshape(b, 1, d).to(ct)  # (B, 1, D)
+    return m if table is None else m + table.to(ct)
+
+
+def ada_layernorm_ref(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    shift_table: torch.Tensor | None = None,
+    scale_table: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reference of `ada_layernorm`: ``layer_norm(x) * (1 + scale) + shift`` in (at least) fp32,
+    with the tables added to shift and scale first."""
+    _check_ada_layernorm(x, shift, scale, eps, shift_table, scale_table)
+    d = x.shape[2]
     ct = torch.promote_types(x.dtype, torch.float32)
     y = F.layer_norm(x.to(ct), (d,), eps=eps)  # (B, T, D)
-    shift = shift.reshape(b, 1, d).to(ct)  # (B, 1, D)
-    scale = scale.reshape(b, 1, d).to(ct)  # (B, 1, D)
+    shift = _mod(shift, shift_table, ct)  # (B, 1, D)
+    scale = _mod(scale, scale_table, ct)  # (B, 1, D)
     return torch.addcmul(shift, y, 1 + scale).to(x.dtype)
+
+
+def gated_residual_ref(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    y: torch.Tensor,
+    gate_table: torch.Tensor | None = None,
+    f: torch.Tensor | None = None,
+    s: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reference of `gated_residual`: ``x + gate * y`` in (at least) fp32, rounded to x's dtype; with
+    ``f, s`` then ``feedback_inject_ref(out, f, s)``."""
+    _check_gated_residual(x, gate, y, gate_table, f, s)
+    ct = torch.promote_types(x.dtype, torch.float32)
+    out = torch.addcmul(x.to(ct), _mod(gate, gate_table, ct), y.to(ct)).to(x.dtype)  # (B, T, D)
+    return out if f is None else feedback_inject_ref(out, f, s)
 
 
 def feedback_inject(h: torch.Tensor, f: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -139,7 +239,14 @@ def feedback_inject(h: torch.Tensor, f: torch.Tensor, s: torch.Tensor) -> torch.
     return feedback_inject_ref(h, f, s)
 
 
-def ada_layernorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+def ada_layernorm(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    shift_table: torch.Tensor | None = None,
+    scale_table: torch.Tensor | None = None,
+) -> torch.Tensor:
     """DiT's adaLN / PixArt's adaLN-single modulation: ``layer_norm(x) * (1 + scale) + shift``.
 
     Args:
@@ -147,13 +254,44 @@ def ada_layernorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps
         shift: (B, D) or (B, 1, D), broadcast over T.
         scale: (B, D) or (B, 1, D), broadcast over T.
         eps: added to the variance.
+        shift_table, scale_table: optional (D,) rows added to shift and scale (PixArt's
+            ``scale_shift_table``; the per-sample part is then the timestep embedding's chunk).
 
     Returns:
         (B, T, D) in x's dtype.
     """
-    if _use_ext("ada_layernorm", x, shift, scale):
-        return torch.ops.ilf.ada_layernorm(x, shift, scale, eps)
-    return ada_layernorm_ref(x, shift, scale, eps)
+    tensors = [t for t in (x, shift, scale, shift_table, scale_table) if t is not None]
+    if _use_ext("ada_layernorm", *tensors):
+        return torch.ops.ilf.ada_layernorm(x, shift, scale, eps, shift_table, scale_table)
+    return ada_layernorm_ref(x, shift, scale, eps, shift_table, scale_table)
+
+
+def gated_residual(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    y: torch.Tensor,
+    gate_table: torch.Tensor | None = None,
+    f: torch.Tensor | None = None,
+    s: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A block's gated residual ``x + gate * y``, optionally followed by the next loop block's
+    feedback injection ``+ s * f`` in the same pass.
+
+    Args:
+        x: residual stream, (B, T, D).
+        gate: (B, D) or (B, 1, D), broadcast over T (adaLN-Zero's gate_msa / gate_mlp).
+        y: branch output (attention or feed-forward), like x.
+        gate_table: optional (D,) row added to gate (PixArt's ``scale_shift_table``).
+        f, s: optional feedback (like x) and scale (0-dim or (D,)); both or neither.
+
+    Returns:
+        (B, T, D) in x's dtype: ``round(x + gate * y)``, then ``round(out + s * f)`` when f is given,
+        which equals ``feedback_inject(gated_residual(x, gate, y), f, s)``.
+    """
+    tensors = [t for t in (x, gate, y, gate_table, f, s) if t is not None]
+    if _use_ext("gated_residual", *tensors):
+        return torch.ops.ilf.gated_residual(x, gate, y, gate_table, f, s)
+    return gated_residual_ref(x, gate, y, gate_table, f, s)
 
 
 if _EXT_DEVICES:
@@ -165,6 +303,11 @@ if _EXT_DEVICES:
         return h.new_empty(h.shape)
 
     @torch.library.register_fake("ilf::ada_layernorm")
-    def _ada_layernorm_fake(x, shift, scale, eps):
-        _check_ada_layernorm(x, shift, scale, eps, kernel=True)
+    def _ada_layernorm_fake(x, shift, scale, eps, shift_table=None, scale_table=None):
+        _check_ada_layernorm(x, shift, scale, eps, shift_table, scale_table, kernel=True)
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("ilf::gated_residual")
+    def _gated_residual_fake(x, gate, y, gate_table=None, f=None, s=None):
+        _check_gated_residual(x, gate, y, gate_table, f, s, kernel=True)
         return x.new_empty(x.shape)

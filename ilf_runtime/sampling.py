@@ -135,15 +135,21 @@ def predict(
     channels at timestep `t` (a 0-dim or (B,) tensor). Differentiable; the trainer calls it too."""
     guided = guidance_scale > 1.0
     c_lat = transformer.config.in_channels
-    x_in = torch.cat([x, x]) if guided else x
-    t = t.expand(x_in.shape[0])
-    out = transformer(x_in, timestep=t, return_dict=False, **cond.kwargs(guided))[0]
-    if cond.kind == "dit":  # DiTPipeline guides the epsilon channels, then drops learned sigma
-        eps = out[:, :c_lat]
-        return _guide(eps, guidance_scale, cond.uncond_first) if guided else eps
+    spec = _LoopSpec(cond.kind, guided, float(guidance_scale), cond.uncond_first, (), c_lat)
+    return _model_eps(transformer, x, t, cond.kwargs(guided), spec)
+
+
+def _model_eps(
+    transformer: nn.Module, x: torch.Tensor, t: torch.Tensor, kwargs: dict[str, Any], spec: _LoopSpec
+) -> torch.Tensor:
+    x_in = torch.cat([x, x]) if spec.guided else x  # (2B or B, C, H, W)
+    out = transformer(x_in, timestep=t.expand(x_in.shape[0]), return_dict=False, **kwargs)[0]
+    if spec.kind == "dit":  # DiTPipeline guides the epsilon channels, then drops learned sigma
+        eps = out[:, : spec.c_lat]
+        return _guide(eps, spec.guidance_scale, spec.uncond_first) if spec.guided else eps
     # PixArt pipelines guide all channels, then drop learned sigma
-    eps = _guide(out, guidance_scale, cond.uncond_first) if guided else out
-    return eps[:, :c_lat]
+    eps = _guide(out, spec.guidance_scale, spec.uncond_first) if spec.guided else out
+    return eps[:, : spec.c_lat]
 
 
 @torch.no_grad()
@@ -156,6 +162,7 @@ def denoise(
     guidance_scale: float = 1.0,
     loop_mask: Sequence[bool] | None = None,
     on_step: Callable[[int], None] | None = None,
+    cuda_graph: bool = False,
 ) -> torch.Tensor:
     """Runs `solver` from `noise` to the final latents.
 
@@ -166,7 +173,11 @@ def denoise(
         cond: model inputs from `dit_conditioning` / `pixart_conditioning`.
         guidance_scale: classifier-free guidance; applied when > 1, as the diffusers pipelines do.
         loop_mask: one flag per step, whether the ILF loop runs; None runs it on every step.
-        on_step: called with the step index after each step (progress bars); must not sync.
+        on_step: called with the step index after each step (progress bars); must not sync. With
+            ``cuda_graph`` it is called for every step after the replay.
+        cuda_graph: run the whole loop as one CUDA graph (`ilf_runtime.graphs`), captured on the
+            first call with a new shape key and replayed after; the result equals the eager loop's
+            bit for bit. Needs the transformer and the latents on a CUDA device (else ValueError).
     """
     model_kind(transformer)
     n = solver.num_steps
@@ -176,19 +187,61 @@ def denoise(
         raise ValueError(f"transformer has {c_out} output channels; expected {c_lat} or {2 * c_lat}")
     if guidance_scale > 1.0 and cond.model_kwargs is None:
         raise ValueError("guidance_scale > 1 needs negative prompt embeddings")
-    loop = get_ilf(transformer)
-    mask = [True] * n if loop_mask is None else list(loop_mask)
+    guided = guidance_scale > 1.0
+    mask = [True] * n if loop_mask is None else [bool(m) for m in loop_mask]
     if len(mask) != n:
         raise ValueError(f"loop_mask has {len(mask)} entries for {n} steps")
+    spec = _LoopSpec(cond.kind, guided, float(guidance_scale), cond.uncond_first, tuple(mask), c_lat)
 
-    x = noise
+    if not cuda_graph:
+        return _run_steps(transformer, noise, solver, cond.kwargs(guided), spec, on_step)
+    device = next(transformer.parameters()).device
+    if device.type != "cuda" or noise.device.type != "cuda":
+        raise ValueError(
+            f"cuda_graph=True needs the transformer and the latents on a CUDA device; got the "
+            f"transformer on {device} and the latents on {noise.device} (use cuda_graph=False)"
+        )
+    from ilf_runtime import graphs
+
+    def fn(x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        return _run_steps(transformer, x, solver, kwargs, spec)
+
+    x = graphs.run_loop(transformer, fn, noise, cond.kwargs(guided), solver, spec)
+    for i in range(n if on_step is not None else 0):
+        on_step(i)
+    return x
+
+
+@dataclass(frozen=True)
+class _LoopSpec:
+    """The Python values the step loop branches on (fixed per loop; part of a graph's key)."""
+
+    kind: str
+    guided: bool
+    guidance_scale: float
+    uncond_first: bool
+    mask: tuple[bool, ...]
+    c_lat: int
+
+
+def _run_steps(
+    transformer: nn.Module,
+    x: torch.Tensor,
+    solver: Any,
+    kwargs: dict[str, Any],
+    spec: _LoopSpec,
+    on_step: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """The step loop: no host sync, no branch on a tensor value (so it can be captured whole)."""
+    n = solver.num_steps
+    loop = get_ilf(transformer)
     state = solver.init_state()
     try:
         for i in range(n):
             if loop is not None:
-                loop.active = bool(mask[i])
-            eps = predict(transformer, x, solver.timesteps[i], cond, guidance_scale)
-            if cond.kind == "pixart" and n == 1:  # PixArt's one-step (DMD) path returns the x0 prediction
+                loop.active = spec.mask[i]
+            eps = _model_eps(transformer, x, solver.timesteps[i], kwargs, spec)
+            if spec.kind == "pixart" and n == 1:  # PixArt's one-step (DMD) path returns the x0 prediction
                 x = solver.predict_x0(i, x, eps)
             else:
                 x = solver.step(i, x, eps, state)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ilf_runtime import ops
 from ilf_runtime._ext import ext_status, has_ext
@@ -42,6 +43,31 @@ def _ada_inputs(shape, mod_kind: str, dtype=torch.float32, seed=0):
     return x.to(dtype), shift.to(dtype), scale.to(dtype)
 
 
+def _table_inputs(shape, dtype=torch.float32, seed=10):
+    """PixArt's adaLN-single: (B, 1, D) chunks of a per-sample embedding plus (D,) table rows."""
+    b, t, d = shape
+    x = (1.0 + 2.0 * _randn(b, t, d, seed=seed)).to(dtype)
+    temb = _randn(b, 6, d, seed=seed + 1).to(dtype)  # the t-embedding as PixArt reshapes it
+    table = (_randn(6, d, seed=seed + 2) / d**0.5).to(dtype)  # scale_shift_table
+    return x, temb, table
+
+
+def _gated_inputs(shape, mode: str, dtype=torch.float32, seed=20):
+    """(x, gate, y, gate_table, f, s) for gated_residual; mode in plain, table, scalar, channel."""
+    b, t, d = shape
+    x, y = _randn(b, t, d, seed=seed, dtype=dtype), _randn(b, t, d, seed=seed + 1, dtype=dtype)
+    gate = (0.7 * _randn(b, d, seed=seed + 2)).to(dtype)
+    table = (0.2 * _randn(d, seed=seed + 3)).to(dtype) if mode == "table" else None
+    f = s = None
+    if mode in ("scalar", "channel"):
+        f = _randn(b, t, d, seed=seed + 4, dtype=dtype)
+        s = (0.5 * _randn(*(() if mode == "scalar" else (d,)), seed=seed + 5)).to(dtype)
+    return x, gate, y, table, f, s
+
+
+GATED_MODES = ["plain", "table", "scalar", "channel"]
+
+
 def _max_err(out: torch.Tensor, ref64: torch.Tensor) -> float:
     return (out.double() - ref64).abs().max().item()
 
@@ -63,6 +89,32 @@ def test_ada_layernorm_ref_matches_formula(mod_kind):
     var = x.var(-1, unbiased=False, keepdim=True)
     want = (x - mean) / torch.sqrt(var + EPS) * (1 + scale.reshape(2, 1, 8)) + shift.reshape(2, 1, 8)
     torch.testing.assert_close(ops.ada_layernorm_ref(x, shift, scale, EPS), want, rtol=1e-10, atol=1e-10)
+
+
+def test_ada_layernorm_ref_tables_match_pixart_formula():
+    """The table form is PixArt's adaLN-single as BasicTransformerBlock computes it."""
+    x, temb, table = _table_inputs((2, 3, 8), dtype=torch.float64)
+    mod = table[None] + temb  # (B, 6, D)
+    shift, scale = mod[:, 0:1], mod[:, 1:2]  # (B, 1, D)
+    want = F.layer_norm(x, (8,), eps=EPS) * (1 + scale) + shift
+    got = ops.ada_layernorm_ref(x, temb[:, 0], temb[:, 1], EPS, table[0], table[1])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", GATED_MODES)
+def test_gated_residual_ref_matches_formula(mode):
+    x, gate, y, table, f, s = _gated_inputs((2, 3, 8), mode, dtype=torch.float64)
+    g = gate[:, None] + (0 if table is None else table)
+    want = x + g * y + (0 if f is None else s * f)
+    torch.testing.assert_close(ops.gated_residual_ref(x, gate, y, table, f, s), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_residual_ref_rounds_like_unfused_ops(dtype):
+    x, gate, y, _, f, s = _gated_inputs((2, 5, 16), "channel", dtype=dtype)
+    fused = ops.gated_residual_ref(x, gate, y, None, f, s)
+    unfused = ops.feedback_inject_ref(ops.gated_residual_ref(x, gate, y), f, s)
+    assert torch.equal(fused, unfused)
 
 
 def test_public_ops_under_autograd_use_reference():
@@ -174,19 +226,77 @@ def test_non_contiguous_inputs():
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_ada_layernorm_tables(dtype, shape):
+    x, temb, table = _table_inputs(shape, dtype)
+    args = (x, temb[:, 3:4], temb[:, 4:5], EPS, table[3], table[4])  # strided (B, 1, D) chunks
+    out = torch.ops.ilf.ada_layernorm(*args)
+    ref = ops.ada_layernorm_ref(*args)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    else:
+        ref64 = ops.ada_layernorm_ref(*(a.double() if isinstance(a, torch.Tensor) else a for a in args))
+        assert _max_err(out, ref64) <= 2 * _max_err(ref, ref64) + 1e-6
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("mode", GATED_MODES)
+def test_gated_residual_kernel(dtype, shape, mode):
+    args = _gated_inputs(shape, mode, dtype)
+    out = torch.ops.ilf.gated_residual(*args)
+    ref = ops.gated_residual_ref(*args)
+    assert out.dtype == dtype and out.is_contiguous()
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    else:  # same roundings as the reference, so at most one ulp apart (fma vs mul + add)
+        ref64 = ops.gated_residual_ref(*(a.double() if isinstance(a, torch.Tensor) else a for a in args))
+        assert _max_err(out, ref64) <= 2 * _max_err(ref, ref64) + 1e-6
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_residual_zero_scale_is_plain_epilogue(dtype):
+    x, gate, y, table, f, _ = _gated_inputs((2, 5, 40), "scalar", dtype)
+    plain = torch.ops.ilf.gated_residual(x, gate, y, table)
+    assert torch.equal(
+        torch.ops.ilf.gated_residual(x, gate, y, table, f, torch.zeros((), dtype=dtype)), plain
+    )
+    assert torch.equal(torch.ops.ilf.gated_residual(x, gate, y, table, f, torch.zeros(40)), plain)
+
+
+@needs_ext
+def test_gated_residual_strided_mixed_dtypes():
+    b, t, d = 3, 7, 40
+    x = _randn(b, d, t, seed=0).transpose(1, 2)  # (B, T, D), strided
+    y = _randn(b, t, 2 * d, seed=1)[..., ::2]
+    gate, *_ = _randn(b, 6 * d, seed=2).chunk(6, dim=1)  # as DiT splits its embedding
+    f = _randn(b, t, d, seed=3)
+    s = _randn(d, seed=4, dtype=torch.float64)
+    table = _randn(d, seed=5, dtype=torch.bfloat16)
+    out = torch.ops.ilf.gated_residual(x, gate, y, table, f, s)
+    torch.testing.assert_close(out, ops.gated_residual_ref(x, gate, y, table, f, s), rtol=1e-5, atol=1e-6)
+
+
+@needs_ext
 def test_empty_inputs():
     h = torch.empty(0, 3, 8)
     assert torch.ops.ilf.feedback_inject(h, h, torch.ones(())).shape == (0, 3, 8)
     assert torch.ops.ilf.ada_layernorm(h, torch.zeros(0, 8), torch.zeros(0, 8), EPS).shape == (0, 3, 8)
+    assert torch.ops.ilf.gated_residual(h, torch.zeros(0, 8), h, None, h, torch.ones(())).shape == (0, 3, 8)
 
 
 @needs_ext
 def test_public_ops_agree_with_reference_either_way(monkeypatch):
     h, f, s = _inject_inputs((2, 5, 24), "channel")
     x, shift, scale = _ada_inputs((2, 5, 24), "B1D")
+    g_args = _gated_inputs((2, 5, 24), "channel")
     for prefer in (True, False):
-        for key in list(ops._PREFER_EXT):
+        for key in [*ops._PREFER_EXT, ("gated_residual", "cpu", torch.float32)]:
             monkeypatch.setitem(ops._PREFER_EXT, key, prefer)
+        torch.testing.assert_close(ops.gated_residual(*g_args), ops.gated_residual_ref(*g_args))
         torch.testing.assert_close(ops.feedback_inject(h, f, s), ops.feedback_inject_ref(h, f, s))
         torch.testing.assert_close(
             ops.ada_layernorm(x, shift, scale, EPS),
@@ -219,6 +329,16 @@ BAD_INPUTS = [
      r"ilf::ada_layernorm: scale must have shape \(B, D\)=\(2, 8\) or \(B, 1, D\)=\(2, 1, 8\), got \(2, 2, 8\)"),
     ("ada_layernorm", lambda: (_r(2, 3, 8, seed=0), _r(2, 8, seed=1), _r(2, 8, seed=2), -1.0),
      r"ilf::ada_layernorm: eps must be >= 0, got -1"),
+    ("ada_layernorm", lambda: (_r(2, 3, 8, seed=0), _r(2, 8, seed=1), _r(2, 8, seed=2), EPS, _r(6, 8, seed=3)),
+     r"ilf::ada_layernorm: shift_table must have shape \(D,\)=\(8,\), got \(6, 8\)"),
+    ("gated_residual", lambda: (_r(2, 3, 8, seed=0), _r(2, 8, seed=1), _r(2, 3, 7, seed=2)),
+     r"ilf::gated_residual: y must have shape \(B, T, D\)=\(2, 3, 8\), got \(2, 3, 7\)"),
+    ("gated_residual", lambda: (_r(2, 3, 8, seed=0), _r(2, 3, 8, seed=1), _r(2, 3, 8, seed=2)),
+     r"ilf::gated_residual: gate must have shape \(B, D\)=\(2, 8\) or \(B, 1, D\)=\(2, 1, 8\), got \(2, 3, 8\)"),
+    ("gated_residual", lambda: (_r(2, 3, 8, seed=0), _r(2, 8, seed=1), _r(2, 3, 8, seed=2), None, _r(2, 3, 8, seed=3)),
+     r"ilf::gated_residual: f and s must be given together"),
+    ("gated_residual", lambda: (_r(2, 3, 8, seed=0), _r(2, 8, seed=1), _r(2, 3, 8, seed=2), None, _r(2, 3, 8, seed=3), _r(4, seed=4)),
+     r"ilf::gated_residual: s must be 0-dim or shape \(D,\)=\(8,\), got \(4,\)"),
 ]  # fmt: skip
 
 
@@ -254,6 +374,12 @@ def test_opcheck(dtype):
     for mod_kind in ("BD", "B1D"):
         args = (*_ada_inputs((2, 5, 24), mod_kind, dtype), EPS)
         torch.library.opcheck(torch.ops.ilf.ada_layernorm.default, args, test_utils=tests)
+    x, temb, table = _table_inputs((2, 5, 24), dtype)
+    args = (x, temb[:, 0], temb[:, 1], EPS, table[0], table[1])
+    torch.library.opcheck(torch.ops.ilf.ada_layernorm.default, args, test_utils=tests)
+    for mode in GATED_MODES:
+        args = _gated_inputs((2, 5, 24), mode, dtype)
+        torch.library.opcheck(torch.ops.ilf.gated_residual.default, args, test_utils=tests)
 
 
 @needs_ext
@@ -314,6 +440,39 @@ def test_cuda_ada_layernorm(dtype, shape, mod_kind):
     x, shift, scale = (t.cuda() for t in _ada_inputs(shape, mod_kind, dtype))
     args = (x, shift, scale, EPS)
     _check_against_ref(torch.ops.ilf.ada_layernorm(*args), ops.ada_layernorm_ref, args, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", CUDA_SHAPES)
+def test_cuda_ada_layernorm_tables(dtype, shape):
+    _cuda_ops_or_skip()
+    x, temb, table = (t.cuda() for t in _table_inputs(shape, dtype))
+    args = (x, temb[:, 0:1], temb[:, 1:2], EPS, table[0], table[1])  # PixArt's strided chunks
+    _check_against_ref(torch.ops.ilf.ada_layernorm(*args), ops.ada_layernorm_ref, args, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", CUDA_SHAPES)
+@pytest.mark.parametrize("mode", GATED_MODES)
+def test_cuda_gated_residual(dtype, shape, mode):
+    _cuda_ops_or_skip()
+    args = tuple(None if t is None else t.cuda() for t in _gated_inputs(shape, mode, dtype))
+    _check_against_ref(torch.ops.ilf.gated_residual(*args), ops.gated_residual_ref, args, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_gated_residual_misaligned_and_mixed(dtype):
+    _cuda_ops_or_skip()
+    b, t, d = 3, 7, 64
+    x = _randn(b * t * d + 1, seed=0, dtype=dtype).cuda()[1:].view(b, t, d)  # not 16-byte aligned
+    y = _randn(b, t, d, seed=1, dtype=dtype).cuda()
+    gate, *_ = _randn(b, 6 * d, seed=2, dtype=dtype).cuda().chunk(6, dim=1)  # row stride 6 * D
+    f = _randn(b, t, d, seed=3, dtype=dtype).cuda()
+    args = (x, gate, y, _randn(d, seed=4).cuda(), f, _randn(seed=5).cuda())  # fp32 table and s
+    _check_against_ref(torch.ops.ilf.gated_residual(*args), ops.gated_residual_ref, args, dtype)
 
 
 @pytest.mark.gpu

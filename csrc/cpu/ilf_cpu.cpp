@@ -1,4 +1,4 @@
-// CPU kernels of torch.ops.ilf.feedback_inject and torch.ops.ilf.ada_layernorm.
+// CPU kernels of torch.ops.ilf.feedback_inject, ada_layernorm and gated_residual.
 //
 // Each op reads its input once and writes its output once; the eager references in
 // ilf_runtime/ops.py make several passes (dtype casts, layer_norm, modulation). Rows are split
@@ -132,6 +132,25 @@ ILF_INLINE void ada_ln_impl(typename L::T* __restrict__ out, const typename L::T
   }
 }
 
+// Rows [r0, r1) of (B*T, D): out = x + g * y, then (MODE 1: scalar s, 2: per-channel s) out + s * f,
+// each rounded to the storage type as the unfused ops would. g: fp32 (B, D) contiguous.
+template <class L, int MODE>
+ILF_INLINE void gated_impl(typename L::T* __restrict__ out, const typename L::T* __restrict__ x,
+                           const typename L::T* __restrict__ y, const typename L::T* __restrict__ f,
+                           const float* __restrict__ g, const float* __restrict__ s, int64_t r0, int64_t r1,
+                           int64_t t_len, int64_t d) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t o = r * d;
+    const float* gr = g + (r / t_len) * d;
+    for (int64_t c = 0; c < d; ++c) {
+      typename L::T v = L::store(L::load(x[o + c]) + gr[c] * L::load(y[o + c]));
+      if (MODE == 1) v = L::store(L::load(v) + s[0] * L::load(f[o + c]));
+      if (MODE == 2) v = L::store(L::load(v) + s[c] * L::load(f[o + c]));
+      out[o + c] = v;
+    }
+  }
+}
+
 // One multi-versioned entry point per storage type; overloads pick the type.
 #define ILF_DEFINE_KERNELS(L)                                                                              \
   ILF_CLONES void inject_scalar(L::T* out, const L::T* h, const L::T* f, float s, int64_t n) {             \
@@ -144,6 +163,12 @@ ILF_INLINE void ada_ln_impl(typename L::T* __restrict__ out, const typename L::T
   ILF_CLONES void ada_ln(L::T* out, const L::T* x, const float* shift, const float* scale, float* buf,     \
                          int64_t r0, int64_t r1, int64_t t_len, int64_t d, float eps) {                    \
     ada_ln_impl<L>(out, x, shift, scale, buf, r0, r1, t_len, d, eps);                                      \
+  }                                                                                                        \
+  ILF_CLONES void gated(L::T* out, const L::T* x, const L::T* y, const L::T* f, const float* g, const float* s, \
+                        int mode, int64_t r0, int64_t r1, int64_t t_len, int64_t d) {                      \
+    if (mode == 0) gated_impl<L, 0>(out, x, y, f, g, s, r0, r1, t_len, d);                                 \
+    if (mode == 1) gated_impl<L, 1>(out, x, y, f, g, s, r0, r1, t_len, d);                                 \
+    if (mode == 2) gated_impl<L, 2>(out, x, y, f, g, s, r0, r1, t_len, d);                                 \
   }
 
 ILF_DEFINE_KERNELS(F32)
@@ -194,6 +219,23 @@ void ada_layernorm_run(const at::Tensor& out, const at::Tensor& x, const at::Ten
   });
 }
 
+// f and s may be undefined (mode 0); s: fp32 () or (D,).
+template <class L>
+void gated_residual_run(const at::Tensor& out, const at::Tensor& x, const at::Tensor& y, const at::Tensor& g,
+                        const at::Tensor& f, const at::Tensor& s) {
+  auto* o = ptr<L>(out);
+  const auto* xp = ptr<L>(x);
+  const auto* yp = ptr<L>(y);
+  const auto* fp = f.defined() ? ptr<L>(f) : nullptr;
+  const float* gp = g.data_ptr<float>();
+  const float* sp = s.defined() ? s.data_ptr<float>() : nullptr;
+  const int mode = !f.defined() ? 0 : (s.dim() == 0 ? 1 : 2);
+  const int64_t t_len = x.size(1), d = x.size(2);
+  at::parallel_for(0, x.size(0) * t_len, rows_grain(d), [&](int64_t b, int64_t e) {
+    gated(o, xp, yp, fp, gp, sp, mode, b, e, t_len, d);
+  });
+}
+
 // Calls FN<L>(...) with L the storage type of dtype TYPE (validated by the caller).
 #define ILF_DISPATCH(TYPE, FN, ...)                                        \
   switch (TYPE) {                                                          \
@@ -213,15 +255,37 @@ at::Tensor feedback_inject_cpu(const at::Tensor& h, const at::Tensor& f, const a
   return out;
 }
 
+// (B, D) fp32 modulation rows: m (+ table), the table added once per sample rather than per token.
+at::Tensor mod_rows(const at::Tensor& m, const std::optional<at::Tensor>& table, int64_t b, int64_t d) {
+  at::Tensor r = m.reshape({b, d}).to(at::kFloat);
+  if (table.has_value()) r = r.add(table->to(at::kFloat));  // (B, D) + (D,)
+  return r.contiguous();
+}
+
 at::Tensor ada_layernorm_cpu(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale,
-                             double eps) {
-  check_ada_layernorm(x, shift, scale, eps);
+                             double eps, const std::optional<at::Tensor>& shift_table,
+                             const std::optional<at::Tensor>& scale_table) {
+  check_ada_layernorm(x, shift, scale, eps, shift_table, scale_table);
   const int64_t b = x.size(0), d = x.size(2);
   const at::Tensor xc = x.contiguous();
-  const at::Tensor shf = shift.reshape({b, d}).to(at::kFloat).contiguous();  // (B, D)
-  const at::Tensor scf = scale.reshape({b, d}).to(at::kFloat).contiguous();  // (B, D)
+  const at::Tensor shf = mod_rows(shift, shift_table, b, d);  // (B, D)
+  const at::Tensor scf = mod_rows(scale, scale_table, b, d);  // (B, D)
   at::Tensor out = at::empty(xc.sizes(), xc.options());  // (B, T, D)
   if (out.numel() > 0) ILF_DISPATCH(xc.scalar_type(), ada_layernorm_run, out, xc, shf, scf, eps);
+  return out;
+}
+
+at::Tensor gated_residual_cpu(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& y,
+                              const std::optional<at::Tensor>& gate_table, const std::optional<at::Tensor>& f,
+                              const std::optional<at::Tensor>& s) {
+  check_gated_residual(x, gate, y, gate_table, f, s);
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor yc = y.contiguous();
+  const at::Tensor g = mod_rows(gate, gate_table, x.size(0), x.size(2));  // (B, D)
+  const at::Tensor fc = f.has_value() ? f->contiguous() : at::Tensor();
+  const at::Tensor sf = s.has_value() ? s->to(at::kFloat).contiguous() : at::Tensor();  // () or (D,)
+  at::Tensor out = at::empty(xc.sizes(), xc.options());  // (B, T, D)
+  if (out.numel() > 0) ILF_DISPATCH(xc.scalar_type(), gated_residual_run, out, xc, yc, g, fc, sf);
   return out;
 }
 
@@ -231,4 +295,5 @@ at::Tensor ada_layernorm_cpu(const at::Tensor& x, const at::Tensor& shift, const
 TORCH_LIBRARY_IMPL(ilf, CPU, m) {
   m.impl("feedback_inject", &ilf::cpu::feedback_inject_cpu);
   m.impl("ada_layernorm", &ilf::cpu::ada_layernorm_cpu);
+  m.impl("gated_residual", &ilf::cpu::gated_residual_cpu);
 }

@@ -6,6 +6,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <initializer_list>
+#include <optional>
+
 #include "cuda/ilf_kernels.cuh"
 #include "ilf_checks.h"
 
@@ -33,6 +36,27 @@ c10::ScalarType operand_dtype(c10::ScalarType t, c10::ScalarType main) {
   return (t == at::kFloat || t == main) ? t : at::kFloat;
 }
 
+// One dtype for several modulation operands that a kernel reads with one type: `main` when all of
+// them have it, else fp32 (exact for bf16 / fp16, and what the references compute in).
+c10::ScalarType shared_operand_dtype(std::initializer_list<const at::Tensor*> ts, c10::ScalarType main) {
+  for (const at::Tensor* t : ts)
+    if (t->defined() && t->scalar_type() != main) return at::kFloat;
+  return main;
+}
+
+// (B, D) view with unit stride along D in dtype `mt`; a row stride (e.g. a chunk of DiT's
+// embedding) is kept, so no copy is made in the common case.
+at::Tensor mod_rows(const at::Tensor& m, c10::ScalarType mt, int64_t b, int64_t d) {
+  at::Tensor t = m.to(mt).reshape({b, d});
+  return (d > 1 && t.stride(1) != 1) ? t.contiguous() : t;
+}
+
+at::Tensor opt_to(const std::optional<at::Tensor>& t, c10::ScalarType mt) {
+  return t.has_value() ? t->to(mt).contiguous() : at::Tensor();
+}
+
+const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
 at::Tensor feedback_inject_cuda(const at::Tensor& h, const at::Tensor& f, const at::Tensor& s) {
   check_feedback_inject(h, f, s);
   const c10::cuda::CUDAGuard guard(h.device());
@@ -49,29 +73,52 @@ at::Tensor feedback_inject_cuda(const at::Tensor& h, const at::Tensor& f, const 
   return out;
 }
 
-at::Tensor ada_layernorm_cuda(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale, double eps) {
-  check_ada_layernorm(x, shift, scale, eps);
+at::Tensor ada_layernorm_cuda(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale, double eps,
+                              const std::optional<at::Tensor>& shift_table,
+                              const std::optional<at::Tensor>& scale_table) {
+  check_ada_layernorm(x, shift, scale, eps, shift_table, scale_table);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t b = x.size(0), d = x.size(2);
-  // (B, D) views with unit stride along D; a row stride (e.g. a chunk of DiT's embedding) is kept.
-  // shift and scale share one dtype in the kernel.
-  const c10::ScalarType mt = shift.scalar_type() == scale.scalar_type()
-                                 ? operand_dtype(shift.scalar_type(), x.scalar_type())
-                                 : at::kFloat;
-  const auto rows = [&](const at::Tensor& m) {
-    at::Tensor t = m.to(mt).reshape({b, d});
-    return (d > 1 && t.stride(1) != 1) ? t.contiguous() : t;
-  };
+  const at::Tensor none;
+  const c10::ScalarType mt = shared_operand_dtype(
+      {&shift, &scale, shift_table ? &*shift_table : &none, scale_table ? &*scale_table : &none}, x.scalar_type());
   const at::Tensor xc = x.contiguous();
-  const at::Tensor sh = rows(shift);  // (B, D)
-  const at::Tensor sc = rows(scale);  // (B, D)
+  const at::Tensor sh = mod_rows(shift, mt, b, d);  // (B, D)
+  const at::Tensor sc = mod_rows(scale, mt, b, d);  // (B, D)
+  const at::Tensor sht = opt_to(shift_table, mt);  // (D,) or undefined
+  const at::Tensor sct = opt_to(scale_table, mt);  // (D,) or undefined
   at::Tensor out = at::empty(xc.sizes(), xc.options());  // (B, T, D)
   if (out.numel() == 0) return out;
   ILF_CUDA_CHECK("ada_layernorm",
-                 launch_ada_layernorm(out.data_ptr(), xc.data_ptr(), sh.data_ptr(), sc.data_ptr(),
-                                      kernel_dtype(xc.scalar_type()), kernel_dtype(sh.scalar_type()), b,
+                 launch_ada_layernorm(out.data_ptr(), xc.data_ptr(), sh.data_ptr(), sc.data_ptr(), ptr_or_null(sht),
+                                      ptr_or_null(sct), kernel_dtype(xc.scalar_type()), kernel_dtype(mt), b,
                                       xc.size(1), d, sh.stride(0), sc.stride(0), static_cast<float>(eps),
                                       c10::cuda::getCurrentCUDAStream().stream()));
+  return out;
+}
+
+at::Tensor gated_residual_cuda(const at::Tensor& x, const at::Tensor& gate, const at::Tensor& y,
+                               const std::optional<at::Tensor>& gate_table, const std::optional<at::Tensor>& f,
+                               const std::optional<at::Tensor>& s) {
+  check_gated_residual(x, gate, y, gate_table, f, s);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t b = x.size(0), d = x.size(2);
+  const at::Tensor none;
+  const c10::ScalarType mt = shared_operand_dtype(
+      {&gate, gate_table ? &*gate_table : &none, s ? &*s : &none}, x.scalar_type());
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor yc = y.contiguous();
+  const at::Tensor g = mod_rows(gate, mt, b, d);  // (B, D)
+  const at::Tensor gt = opt_to(gate_table, mt);  // (D,) or undefined
+  const at::Tensor fc = f.has_value() ? f->contiguous() : at::Tensor();  // (B, T, D) or undefined
+  const at::Tensor sc = opt_to(s, mt);  // () or (D,) or undefined
+  at::Tensor out = at::empty(xc.sizes(), xc.options());  // (B, T, D)
+  if (out.numel() == 0) return out;
+  ILF_CUDA_CHECK("gated_residual",
+                 launch_gated_residual(out.data_ptr(), xc.data_ptr(), yc.data_ptr(), g.data_ptr(), ptr_or_null(gt),
+                                       ptr_or_null(fc), ptr_or_null(sc), sc.defined() && sc.dim() == 1,
+                                       kernel_dtype(xc.scalar_type()), kernel_dtype(mt), b, xc.size(1), d,
+                                       g.stride(0), c10::cuda::getCurrentCUDAStream().stream()));
   return out;
 }
 
@@ -81,4 +128,5 @@ at::Tensor ada_layernorm_cuda(const at::Tensor& x, const at::Tensor& shift, cons
 TORCH_LIBRARY_IMPL(ilf, CUDA, m) {
   m.impl("feedback_inject", &ilf::cuda::feedback_inject_cuda);
   m.impl("ada_layernorm", &ilf::cuda::ada_layernorm_cuda);
+  m.impl("gated_residual", &ilf::cuda::gated_residual_cuda);
 }

@@ -1,60 +1,29 @@
-// CUDA kernels of the `ilf` ops (no torch headers; see ilf_kernels.cuh for the launcher API).
+// CUDA kernels of feedback_inject and ada_layernorm (no torch headers; see ilf_kernels.cuh for the
+// launcher API; gated_residual is in ilf_epilogue.cu).
 //
 // Both kernels read their input once and write their output once, converting to fp32 in
 // registers. 16-byte vector loads and stores are used when the pointers are aligned and the
 // row length allows it; otherwise the same kernels run with one element per access.
 // Conversions use the explicit intrinsics only, so the file also compiles under torch's
 // -D__CUDA_NO_HALF_CONVERSIONS__ / -D__CUDA_NO_BFLOAT16_CONVERSIONS__ flags.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <climits>
 #include <cstdint>
 
+#include "ilf_device.cuh"
 #include "ilf_kernels.cuh"
 
 namespace ilf::cuda {
 namespace {
 
-template <typename T>
-struct Cvt;
-template <>
-struct Cvt<float> {
-  static __device__ __forceinline__ float load(float v) { return v; }
-  static __device__ __forceinline__ float store(float v) { return v; }
-};
-template <>
-struct Cvt<__half> {
-  static __device__ __forceinline__ float load(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half store(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Cvt<__nv_bfloat16> {
-  static __device__ __forceinline__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
-};
-
-template <typename T>
-constexpr DType dtype_of();
-template <>
-constexpr DType dtype_of<float>() { return DType::kFloat32; }
-template <>
-constexpr DType dtype_of<__half>() { return DType::kFloat16; }
-template <>
-constexpr DType dtype_of<__nv_bfloat16>() { return DType::kBFloat16; }
-
-// N consecutive elements moved as one (up to 16-byte) access.
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
+using detail::aligned16;
+using detail::Cvt;
+using detail::dtype_of;
+using detail::kMaxBlocks;
+using detail::Pack;
 
 constexpr int kInjectThreads = 256;
 constexpr int kMaxNormThreads = 256;
-constexpr int64_t kMaxBlocks = 65535;  // grid-stride loops cover the rest
 constexpr int64_t kMaxCachedRow = 8192;  // fp32 row cache: 32 KiB, under the 48 KiB default limit
-
-inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // ---------------------------------------------------------------------------------------------
 // feedback_inject: out = h + s * f
@@ -122,7 +91,8 @@ cudaError_t feedback_inject_t(void* out, const void* h, const void* f, const voi
 }
 
 // ---------------------------------------------------------------------------------------------
-// ada_layernorm: out = layer_norm(x) * (1 + scale) + shift, one block per row
+// ada_layernorm: out = layer_norm(x) * (1 + scale) + shift, one block per row; with the (D,) tables
+// (PixArt's adaLN-single) shift + shift_table and scale + scale_table, added in fp32 in registers.
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -146,7 +116,8 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
 template <typename T, typename M, int VEC, bool CACHE>
 __global__ void __launch_bounds__(kMaxNormThreads)
     ada_layernorm_kernel(T* __restrict__ out, const T* __restrict__ x, const M* __restrict__ shift,
-                         const M* __restrict__ scale, int64_t rows, int64_t t_len, int d, int64_t shift_sb,
+                         const M* __restrict__ scale, const M* __restrict__ shift_table,
+                         const M* __restrict__ scale_table, int64_t rows, int64_t t_len, int d, int64_t shift_sb,
                          int64_t scale_sb, float eps) {
   extern __shared__ float cache[];
   __shared__ float red[32];
@@ -202,7 +173,10 @@ __global__ void __launch_bounds__(kMaxNormThreads)
           v = Cvt<T>::load(p.v[k]);
         }
         const int c = i * VEC + k;
-        o.v[k] = Cvt<T>::store((v - mean) * rstd * (1.f + Cvt<M>::load(sc[c])) + Cvt<M>::load(sh[c]));
+        float shv = Cvt<M>::load(sh[c]), scv = Cvt<M>::load(sc[c]);
+        if (shift_table != nullptr) shv += Cvt<M>::load(shift_table[c]);  // uniform branch
+        if (scale_table != nullptr) scv += Cvt<M>::load(scale_table[c]);
+        o.v[k] = Cvt<T>::store((v - mean) * rstd * (1.f + scv) + shv);
       }
       orow[i] = o;
     }
@@ -210,8 +184,9 @@ __global__ void __launch_bounds__(kMaxNormThreads)
 }
 
 template <typename T, typename M, int VEC>
-void ada_layernorm_go(void* out, const void* x, const void* shift, const void* scale, int64_t rows,
-                      int64_t t_len, int d, int64_t shift_sb, int64_t scale_sb, float eps, cudaStream_t stream) {
+void ada_layernorm_go(void* out, const void* x, const void* shift, const void* scale, const void* shift_table,
+                      const void* scale_table, int64_t rows, int64_t t_len, int d, int64_t shift_sb,
+                      int64_t scale_sb, float eps, cudaStream_t stream) {
   const int n_packs = d / VEC;
   int threads = (n_packs + 31) / 32 * 32;
   threads = threads < 32 ? 32 : (threads > kMaxNormThreads ? kMaxNormThreads : threads);
@@ -222,40 +197,46 @@ void ada_layernorm_go(void* out, const void* x, const void* shift, const void* s
   const auto* xp = static_cast<const T*>(x);
   const auto* shp = static_cast<const M*>(shift);
   const auto* scp = static_cast<const M*>(scale);
+  const auto* sht = static_cast<const M*>(shift_table);
+  const auto* sct = static_cast<const M*>(scale_table);
   if (cache) {
     ada_layernorm_kernel<T, M, VEC, true>
-        <<<blocks, threads, smem, stream>>>(o, xp, shp, scp, rows, t_len, d, shift_sb, scale_sb, eps);
+        <<<blocks, threads, smem, stream>>>(o, xp, shp, scp, sht, sct, rows, t_len, d, shift_sb, scale_sb, eps);
   } else {
     ada_layernorm_kernel<T, M, VEC, false>
-        <<<blocks, threads, 0, stream>>>(o, xp, shp, scp, rows, t_len, d, shift_sb, scale_sb, eps);
+        <<<blocks, threads, 0, stream>>>(o, xp, shp, scp, sht, sct, rows, t_len, d, shift_sb, scale_sb, eps);
   }
 }
 
 template <typename T, typename M>
-cudaError_t ada_layernorm_typed(void* out, const void* x, const void* shift, const void* scale, int64_t b,
-                                int64_t t, int64_t d, int64_t shift_sb, int64_t scale_sb, float eps,
-                                cudaStream_t stream) {
+cudaError_t ada_layernorm_typed(void* out, const void* x, const void* shift, const void* scale,
+                                const void* shift_table, const void* scale_table, int64_t b, int64_t t, int64_t d,
+                                int64_t shift_sb, int64_t scale_sb, float eps, cudaStream_t stream) {
   if (d > INT_MAX) return cudaErrorInvalidValue;
   const int64_t rows = b * t;
   if (rows == 0 || d == 0) return cudaSuccess;
   constexpr int kVec = 16 / sizeof(T);
   const int di = static_cast<int>(d);
   if (aligned16(out) && aligned16(x) && d % kVec == 0) {
-    ada_layernorm_go<T, M, kVec>(out, x, shift, scale, rows, t, di, shift_sb, scale_sb, eps, stream);
+    ada_layernorm_go<T, M, kVec>(out, x, shift, scale, shift_table, scale_table, rows, t, di, shift_sb, scale_sb,
+                                 eps, stream);
   } else {
-    ada_layernorm_go<T, M, 1>(out, x, shift, scale, rows, t, di, shift_sb, scale_sb, eps, stream);
+    ada_layernorm_go<T, M, 1>(out, x, shift, scale, shift_table, scale_table, rows, t, di, shift_sb, scale_sb, eps,
+                              stream);
   }
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t ada_layernorm_t(void* out, const void* x, const void* shift, const void* scale, DType mod_dtype,
-                            int64_t b, int64_t t, int64_t d, int64_t shift_sb, int64_t scale_sb, float eps,
-                            cudaStream_t stream) {
+cudaError_t ada_layernorm_t(void* out, const void* x, const void* shift, const void* scale, const void* shift_table,
+                            const void* scale_table, DType mod_dtype, int64_t b, int64_t t, int64_t d,
+                            int64_t shift_sb, int64_t scale_sb, float eps, cudaStream_t stream) {
   if (mod_dtype == DType::kFloat32)
-    return ada_layernorm_typed<T, float>(out, x, shift, scale, b, t, d, shift_sb, scale_sb, eps, stream);
+    return ada_layernorm_typed<T, float>(out, x, shift, scale, shift_table, scale_table, b, t, d, shift_sb,
+                                         scale_sb, eps, stream);
   if (mod_dtype == dtype_of<T>())
-    return ada_layernorm_typed<T, T>(out, x, shift, scale, b, t, d, shift_sb, scale_sb, eps, stream);
+    return ada_layernorm_typed<T, T>(out, x, shift, scale, shift_table, scale_table, b, t, d, shift_sb, scale_sb,
+                                     eps, stream);
   return cudaErrorInvalidValue;
 }
 
@@ -275,19 +256,20 @@ cudaError_t launch_feedback_inject(void* out, const void* h, const void* f, cons
   return cudaErrorInvalidValue;
 }
 
-cudaError_t launch_ada_layernorm(void* out, const void* x, const void* shift, const void* scale, DType dtype,
-                                 DType mod_dtype, int64_t b, int64_t t, int64_t d, int64_t shift_stride_b,
-                                 int64_t scale_stride_b, float eps, cudaStream_t stream) {
+cudaError_t launch_ada_layernorm(void* out, const void* x, const void* shift, const void* scale,
+                                 const void* shift_table, const void* scale_table, DType dtype, DType mod_dtype,
+                                 int64_t b, int64_t t, int64_t d, int64_t shift_stride_b, int64_t scale_stride_b,
+                                 float eps, cudaStream_t stream) {
   switch (dtype) {
     case DType::kFloat32:
-      return ada_layernorm_t<float>(out, x, shift, scale, mod_dtype, b, t, d, shift_stride_b, scale_stride_b,
-                                    eps, stream);
+      return ada_layernorm_t<float>(out, x, shift, scale, shift_table, scale_table, mod_dtype, b, t, d,
+                                    shift_stride_b, scale_stride_b, eps, stream);
     case DType::kFloat16:
-      return ada_layernorm_t<__half>(out, x, shift, scale, mod_dtype, b, t, d, shift_stride_b, scale_stride_b,
-                                     eps, stream);
+      return ada_layernorm_t<__half>(out, x, shift, scale, shift_table, scale_table, mod_dtype, b, t, d,
+                                     shift_stride_b, scale_stride_b, eps, stream);
     case DType::kBFloat16:
-      return ada_layernorm_t<__nv_bfloat16>(out, x, shift, scale, mod_dtype, b, t, d, shift_stride_b,
-                                            scale_stride_b, eps, stream);
+      return ada_layernorm_t<__nv_bfloat16>(out, x, shift, scale, shift_table, scale_table, mod_dtype, b, t, d,
+                                            shift_stride_b, scale_stride_b, eps, stream);
   }
   return cudaErrorInvalidValue;
 }
