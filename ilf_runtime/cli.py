@@ -51,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--model", required=True, help="model directory (diffusers pipeline or transformer) or built-in name"
     )
-    s.add_argument("--weights", help="feedback weights file (.safetensors) to apply")
+    s.add_argument(
+        "--weights",
+        help="feedback weights file (.safetensors) to apply, or shipped[:NAME] for a built-in model's own",
+    )
     s.add_argument(
         "--classes", type=_int_list, help="DiT class ids, e.g. 0,1,2 (default: all classes, up to 10)"
     )
@@ -60,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--prompt-embeds", help="safetensors file with prompt_embeds [, prompt_attention_mask, negative_*]"
     )
-    s.add_argument("--steps", type=_positive, default=20, help="solver steps (default 20)")
+    s.add_argument("--steps", type=_positive, help="solver steps (default: the weights file's, else 20)")
     s.add_argument("--solver", choices=["ddim", "dpmpp_2m"], help="default: the model's scheduler")
     s.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's)")
     s.add_argument("--seed", type=int, default=0, help="first noise seed; image i uses seed + i")
@@ -86,9 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--model", default="fashion-dit", help="model directory or built-in name (default fashion-dit)"
     )
-    e.add_argument("--weights", help="feedback weights file (.safetensors) to apply")
+    e.add_argument("--weights", help="feedback weights file (.safetensors), or shipped[:NAME]")
     e.add_argument("--per-class", type=_positive, default=100, help="images per class (default 100)")
-    e.add_argument("--steps", type=_positive, default=20)
+    e.add_argument("--steps", type=_positive, help="solver steps (default: the weights file's, else 20)")
     e.add_argument("--solver", choices=["ddim", "dpmpp_2m"])
     e.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
     e.add_argument("--seed", type=int, default=0)
@@ -129,6 +132,18 @@ def _load_embeds(path: str) -> dict[str, Any]:
     if "prompt_embeds" not in d:
         raise UsageError(f"--prompt-embeds {path}: no 'prompt_embeds' tensor (found {sorted(d)})")
     return d
+
+
+def _resolve_weights_and_steps(args: argparse.Namespace) -> None:
+    """``--weights shipped[:NAME]`` becomes the shipped file's path; without ``--steps`` the step
+    count the weights were trained for is used (20 without weights)."""
+    from ilf_runtime.pipelines import resolve_weights
+    from ilf_runtime.weights import read_metadata
+
+    args.weights = resolve_weights(args.weights, args.model)
+    if args.steps is None:
+        sampler = read_metadata(args.weights).get("sampler") or {} if args.weights else {}
+        args.steps = int(sampler.get("num_steps", 20))
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -238,6 +253,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ilf_runtime.evaluate import EvalArgs, evaluate, markdown_row, write_results
     from ilf_runtime.pipelines import load_model
 
+    _resolve_weights_and_steps(args)
     a = EvalArgs(**{f.name: getattr(args, f.name) for f in fields(EvalArgs)})
     result = evaluate(load_model(args.model), a, progress=not args.no_progress)
     write_results([result], args.out)

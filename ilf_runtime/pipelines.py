@@ -27,7 +27,17 @@ from ilf_runtime.sampling import denoise, dit_conditioning, make_noise, pixart_c
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_SCHEDULER", "MODEL_NAMES", "Model", "SampleOutput", "load_model", "sample", "to_model"]
+__all__ = [
+    "DEFAULT_SCHEDULER",
+    "MODEL_NAMES",
+    "Model",
+    "SampleOutput",
+    "load_model",
+    "resolve_weights",
+    "sample",
+    "shipped_weights",
+    "to_model",
+]
 
 # Bare transformers without a scheduler config get DDIM on DiT's linear beta schedule, with
 # trailing spacing so that coarse step grids are subsets of finer ones, and a final step to
@@ -45,6 +55,36 @@ DEFAULT_SCHEDULER = {
 }
 
 DEFAULT_GUIDANCE = {"dit": 4.0, "pixart": 4.5}  # the diffusers pipelines' own defaults
+
+
+# Feedback weights shipped with a built-in model: ``--weights shipped`` picks "default",
+# ``--weights shipped:NAME`` another entry. Files live beside the model's own files.
+SHIPPED_WEIGHTS = {
+    "fashion-dit": {"default": "feedback.safetensors", "aggressive": "feedback-aggressive.safetensors"},
+}
+
+
+def shipped_weights(model_name: str) -> dict[str, Path]:
+    """The feedback weights files shipped for built-in model `model_name` that are present."""
+    files = SHIPPED_WEIGHTS.get(model_name, {})
+    where = MODEL_NAMES.get(model_name, (None, None))[0]
+    if not files or where is None or callable(where):
+        return {}
+    return {k: Path(where) / f for k, f in files.items() if (Path(where) / f).is_file()}
+
+
+def resolve_weights(spec: str | PathLike | None, model_name: str) -> str | None:
+    """A weights argument as given by a user: a path, or ``shipped`` / ``shipped:NAME``."""
+    if spec is None or not str(spec).startswith("shipped"):
+        return None if spec is None else str(spec)
+    name = str(spec).partition(":")[2] or "default"
+    have = shipped_weights(model_name)
+    if name not in have:
+        raise FileNotFoundError(
+            f"weights {spec!r}: model {model_name!r} ships "
+            + (", ".join(f"shipped:{k}" for k in have) if have else "no feedback weights")
+        )
+    return str(have[name])
 
 
 def _tiny_random_dit() -> nn.Module:

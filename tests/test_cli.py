@@ -236,3 +236,18 @@ def test_python_dash_m_and_builtin_model(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "random weights" in r.stdout and out.is_file()
+
+
+def test_shipped_weights_names(tmp_path):
+    from ilf_runtime.pipelines import resolve_weights, shipped_weights
+
+    assert resolve_weights(None, "fashion-dit") is None
+    assert resolve_weights("x.safetensors", "fashion-dit") == "x.safetensors"
+    with pytest.raises(FileNotFoundError, match="ships no feedback weights"):
+        resolve_weights("shipped", "tiny-random")
+    have = shipped_weights("fashion-dit")
+    for name, path in have.items():
+        spec = "shipped" if name == "default" else f"shipped:{name}"
+        assert resolve_weights(spec, "fashion-dit") == str(path)
+    with pytest.raises(FileNotFoundError, match="weights 'shipped:nope'"):
+        resolve_weights("shipped:nope", "fashion-dit")

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_dit, tiny_pixart
 from safetensors.torch import load_file
 
 from ilf_runtime import apply_ilf, load_ilf_weights, remove_ilf
 from ilf_runtime.ilf import get_ilf
 from ilf_runtime.pipelines import load_model
 from ilf_runtime.train import Distiller, TrainArgs, main
-from tests.conftest import tiny_dit, tiny_pixart
 
 
 @pytest.fixture
@@ -281,3 +281,18 @@ def test_torchrun_two_ranks_end_with_identical_weights(dit_dir, tmp_path):
     w = load_ilf_weights(out / "feedback.safetensors")
     assert w.metadata["training"]["world_size"] == 2
     assert w.metadata["content_sha256"] == digests[0]
+
+
+def test_bank_cache_is_reused_and_gives_the_same_run(dit_dir, tmp_path):
+    cache = tmp_path / "banks"
+    a = _args(dit_dir, tmp_path / "one", bank_cache=str(cache), train_steps=3)
+    first = main(a)
+    files = list(cache.glob("bank-*.safetensors"))
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    second = main(replace(a, out=str(tmp_path / "two")))
+    assert files[0].stat().st_mtime_ns == stamp  # read, not rewritten
+    wa, wb = _weights(first["weights"]), _weights(second["weights"])
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    main(replace(a, out=str(tmp_path / "three"), bank_size=12))  # another bank, another file
+    assert len(list(cache.glob("bank-*.safetensors"))) == 2
