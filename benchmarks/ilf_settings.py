@@ -51,6 +51,13 @@ SETTINGS: dict[str, dict] = {
     "J": {"loop_start": 2, "loop_end": 9, "loop_steps": "last:2"},
     "K": {"loop_start": 0, "loop_end": 11, "loop_steps": "last:1"},
     "L": {"loop_start": 4, "loop_end": 6, "loop_steps": "last:5", "feature_weight": 0.1},
+    # second round, around the best of the first (D: a short loop on more steps)
+    "M": {"loop_start": 5, "loop_end": 5, "loop_steps": "all"},
+    "N": {"loop_start": 5, "loop_end": 6, "loop_steps": "last:8", "rollout": 1},
+    "O": {"loop_start": 5, "loop_end": 6, "loop_steps": "last:8", "unroll": 2},
+    "P": {"loop_start": 5, "loop_end": 6, "loop_steps": "last:8", "scale_shape": "channel"},
+    "Q": {"loop_start": 5, "loop_end": 6, "loop_steps": "last:8", "feedback_init": "copy:6"},
+    "R": {"loop_start": 5, "loop_end": 6, "loop_steps": "last:8", "feature_weight": 0.1},
 }
 
 
