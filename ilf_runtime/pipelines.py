@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from os import PathLike
 from pathlib import Path
@@ -259,6 +259,7 @@ def sample(
     batch_size: int | None = None,
     progress: bool = False,
     return_latents_only: bool = False,
+    before_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> SampleOutput:
     """Samples images from a DiT or PixArt model with this project's own loop.
 
@@ -278,6 +279,8 @@ def sample(
         batch_size: images per forward batch; default all at once.
         progress: show a progress bar over all steps of all batches.
         return_latents_only: skip decoding (``images`` is then empty).
+        before_step: passed on to `denoise` for every batch: called with (step index, timestep)
+            before each model call; a cache from `ilf_runtime.caches` restarts at step 0.
     """
     from ilf_runtime.solvers import make_solver
 
@@ -361,6 +364,7 @@ def sample(
                 guidance_scale=guidance_scale,
                 loop_mask=mask,
                 on_step=on_step,
+                before_step=before_step,
             )
             latents.append(x)
             if not return_latents_only:

@@ -138,6 +138,7 @@ def denoise(
     guidance_scale: float = 1.0,
     loop_mask: Sequence[bool] | None = None,
     on_step: Callable[[int], None] | None = None,
+    before_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Runs `solver` from `noise` to the final latents.
 
@@ -149,6 +150,9 @@ def denoise(
         guidance_scale: classifier-free guidance; applied when > 1, as the diffusers pipelines do.
         loop_mask: one flag per step, whether the ILF loop runs; None runs it on every step.
         on_step: called with the step index after each step (progress bars); must not sync.
+        before_step: called with the step index and timestep tensor before each model call (cache
+            hooks set their per-step state here; see `ilf_runtime.caches`); must not sync to stay
+            graph-capturable.
     """
     model_kind(transformer)
     n = solver.num_steps
@@ -172,6 +176,8 @@ def denoise(
             if loop is not None:
                 loop.active = bool(mask[i])
             x_in = torch.cat([x, x]) if guided else x
+            if before_step is not None:
+                before_step(i, solver.timesteps[i])
             t = solver.timesteps[i].expand(x_in.shape[0])
             out = transformer(x_in, timestep=t, return_dict=False, **kwargs)[0]
             if cond.kind == "dit":  # DiTPipeline guides the epsilon channels, then drops learned sigma
