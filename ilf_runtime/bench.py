@@ -33,16 +33,6 @@ from typing import Any, Self
 
 import torch
 
-from ilf_runtime.caches import (
-    BlockEvalCounter,
-    DeltaDiTConfig,
-    ForaConfig,
-    InnerReuseConfig,
-    apply_cache,
-    describe,
-    remove_cache,
-)
-
 logger = logging.getLogger(__name__)
 
 __all__ = ["BenchArgs", "Row", "add_arguments", "default_rows", "main", "run_bench", "side_by_side"]
@@ -79,7 +69,8 @@ class BenchArgs:
     Args:
         model: built-in model name or local DiT / PixArt directory.
         weights: ILF weights files, one row each (default: the shipped files that exist).
-        methods: comma-separated families to run (see `FAMILIES`).
+        methods: comma-separated families to run: plain, ilf, fora, delta-dit, inner-reuse,
+            first-block-cache, taylorseer, magcache, ilf+cache (default: all).
         solvers: solvers of the plain rows; the first is the main one (cache rows), unless ILF
             weights record another.
         plain_steps: step counts of the plain rows (``ref_steps`` is always added).
@@ -197,16 +188,18 @@ def cache_config(family: str, spec: str, *, dtype: torch.dtype, mag_ratios: list
     """
     from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
 
+    from ilf_runtime import caches
+
     try:
         if family == "fora":
-            return ForaConfig(int(spec))
+            return caches.ForaConfig(int(spec))
         if family == "delta-dit":
             k, b, n = spec.split(":")
-            return DeltaDiTConfig(int(k), float(b), int(n))
+            return caches.DeltaDiTConfig(int(k), float(b), int(n))
         if family == "inner-reuse":
             rng, n = spec.split(":")
             a, b = rng.split("-")
-            return InnerReuseConfig(int(a), int(b), int(n))
+            return caches.InnerReuseConfig(int(a), int(b), int(n))
         if family == "first-block-cache":
             return FirstBlockCacheConfig(threshold=float(spec))
         if family == "taylorseer":
@@ -227,9 +220,11 @@ def cache_config(family: str, spec: str, *, dtype: torch.dtype, mag_ratios: list
 
 def _setting(family: str, spec: str) -> str:
     """The table's setting text; also checks the spec before anything runs."""
+    from ilf_runtime import caches
+
     if family == "magcache":
         return f"thr={float(spec):g}"
-    return describe(cache_config(family, spec, dtype=torch.float32))[1]
+    return caches.describe(cache_config(family, spec, dtype=torch.float32))[1]
 
 
 def _weights_files(a: BenchArgs, model: Any) -> list[str]:
@@ -321,15 +316,19 @@ class _Runner:
         return cache_config(fam, spec, dtype=self.model.dtype, mag_ratios=ratios)
 
     def _calibrate(self, row: Row) -> list[float]:
+        from ilf_runtime import caches
+
         t = self.model.transformer
         n = min(len(self.seeds), 64)
-        cal = apply_cache(t, cache_config("magcache", "0", dtype=self.model.dtype), num_steps=row.steps)
+        cal = caches.apply_cache(
+            t, cache_config("magcache", "0", dtype=self.model.dtype), num_steps=row.steps
+        )
         try:
             cal_seeds = [CALIBRATION_SEED + s for s in self.seeds[:n]]
             self.sample(Row("plain", "", row.solver, row.steps), range(n), cal.before_step, seeds=cal_seeds)
             ratios = cal.mag_ratios()
         finally:
-            remove_cache(t)
+            caches.remove_cache(t)
         logger.info(
             "MagCache ratios (%s, %d steps): %s", row.solver, row.steps, [round(r, 4) for r in ratios]
         )
@@ -338,6 +337,7 @@ class _Runner:
     @contextmanager
     def attached(self, row: Row) -> Iterator[Callable | None]:
         """Applies the row's ILF weights and cache; yields the per-step callback; removes both."""
+        from ilf_runtime import caches
         from ilf_runtime.ilf import apply_ilf, remove_ilf
 
         t = self.model.transformer
@@ -347,11 +347,11 @@ class _Runner:
         try:
             if cfg is not None:
                 mask = loop.config.step_mask(row.steps, row.loop_steps) if loop is not None else None
-                cache = apply_cache(t, cfg, num_steps=row.steps, compute_steps=mask)
+                cache = caches.apply_cache(t, cfg, num_steps=row.steps, compute_steps=mask)
             yield cache.before_step if cache is not None else None
         finally:
             if cache is not None:
-                remove_cache(t)
+                caches.remove_cache(t)
             if loop is not None:
                 remove_ilf(t)
 
@@ -374,10 +374,12 @@ class _Runner:
 
     def quality_images(self, row: Row, batches: Sequence[range]) -> tuple[torch.Tensor, float]:
         """Images of the given batches and the sum over images of the counted block evaluations."""
+        from ilf_runtime import caches
+
         images, evals = [], 0.0
         with self.attached(row) as cb:
             for b in batches:
-                with BlockEvalCounter(self.model.transformer) as ctr:
+                with caches.BlockEvalCounter(self.model.transformer) as ctr:
                     out = self.sample(row, b, cb)
                 images.append(out.images)
                 evals += ctr.count * len(b)
@@ -594,6 +596,7 @@ def side_by_side(
     weights' own sampler) | plain at ILF's cost in block evaluations (or ``equal_steps``). Each
     is timed after a warm-up run; returns the panels' steps, seconds and speed-up over the first."""
     from ilf_runtime import _bench_report as report
+    from ilf_runtime import caches
     from ilf_runtime.pipelines import to_model
     from ilf_runtime.weights import load_ilf_weights
 
@@ -625,7 +628,7 @@ def side_by_side(
     for title, row in panels:
         with runner.attached(row) as cb:
             runner.sample(row, idx[: min(len(idx), 8)], cb)  # warm-up
-            with BlockEvalCounter(m.transformer) as ctr:
+            with caches.BlockEvalCounter(m.transformer) as ctr:
                 o = runner.sample(row, idx, cb)
         shown.append(
             {
@@ -650,11 +653,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from typing import get_type_hints
 
     hints = get_type_hints(BenchArgs)
-    doc = BenchArgs.__doc__ or ""
+    helps, name = {}, None
+    for ln in (BenchArgs.__doc__ or "").split("Args:")[1].splitlines():
+        head, sep, rest = ln.strip().partition(":")
+        if sep and ln.startswith(" " * 8) and not ln.startswith(" " * 9) and head.isidentifier():
+            name, helps[head] = head, rest.strip()
+        elif name and ln.strip():
+            helps[name] += " " + ln.strip()
     for f in fields(BenchArgs):
         flag = "--" + f.name.replace("_", "-")
-        line = next((ln.strip() for ln in doc.splitlines() if ln.strip().startswith(f"{f.name}:")), "")
-        help_ = line.partition(":")[2].strip() or None
+        help_ = helps.get(f.name)
         default = f.default_factory() if callable(f.default_factory) else f.default
         t = hints[f.name]
         if t is bool:
@@ -662,7 +670,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                 p.add_argument("--no-progress", dest="progress", action="store_false", help="quiet")
             else:
                 p.add_argument(flag, action="store_true", help=help_)
-        elif f.name in ("weights", "sweep", "prompt"):
+        elif f.name == "sweep":
+            dflt = "; ".join(f"{k}={v}" for k, v in DEFAULT_SWEEPS.items())
+            p.add_argument(flag, action="append", default=[], help=f"{help_} (repeatable; defaults: {dflt})")
+        elif f.name in ("weights", "prompt"):
             p.add_argument(flag, action="append", default=[], help=f"{help_} (repeatable)")
         else:
             conv = {int: int, float: float}.get(t) or (float if "float" in str(t) else str)
@@ -673,6 +684,8 @@ def main_from_args(args: argparse.Namespace) -> int:
     from ilf_runtime import _bench_report as report
 
     a = BenchArgs(**{f.name: getattr(args, f.name) for f in fields(BenchArgs)})
+    if a.progress:
+        logger.setLevel(logging.INFO)
     if a.grid_only:
         from ilf_runtime.pipelines import load_model
 
@@ -724,6 +737,4 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
     )
-    if args.progress:
-        logger.setLevel(logging.INFO)
     return main_from_args(args)

@@ -472,7 +472,7 @@ class BlockEvalCounter:
     def __init__(self, module: nn.Module):
         from diffusers.models.attention import BasicTransformerBlock
 
-        self.count = 0.0
+        self._calls: dict[int, int] = {}  # sub-modules per block -> sub-module computations
         self._handles = []
         for block in module.modules():
             if not isinstance(block, BasicTransformerBlock):
@@ -482,11 +482,17 @@ class BlockEvalCounter:
                 proj = getattr(sub, "to_q", None) or next(
                     m for m in sub.modules() if isinstance(m, nn.Linear)
                 )
-                self._handles.append(proj.register_forward_pre_hook(self._adder(1.0 / len(subs))))
+                self._handles.append(proj.register_forward_pre_hook(self._adder(len(subs))))
 
-    def _adder(self, share: float):
+    @property
+    def count(self) -> float:
+        return sum(calls / per_block for per_block, calls in self._calls.items())
+
+    def _adder(self, per_block: int):
+        self._calls.setdefault(per_block, 0)
+
         def hook(module: nn.Module, args: tuple) -> None:
-            self.count += share
+            self._calls[per_block] += 1
 
         return hook
 

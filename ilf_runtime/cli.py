@@ -1,4 +1,4 @@
-"""The `ilf` command line: `ilf sample`, `ilf info`.
+"""The `ilf` command line: `ilf sample`, `ilf eval`, `ilf bench`, `ilf info`.
 
 Flags map onto the keyword arguments of `ilf_runtime.sample`. Errors in the arguments or in the
 inputs (missing model, bad weights file, wrong labels) end with a one-line message and exit code 2,
@@ -97,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=_positive, default=250)
     e.add_argument("--out", default="eval", help="output path stem: writes STEM.json and STEM.md")
     e.add_argument("--no-progress", action="store_true")
+
+    from ilf_runtime.bench import add_arguments
+
+    b = sub.add_parser(
+        "bench",
+        help="speed and quality of ILF against fewer steps and caching methods (benchmarks/compare.py)",
+        description="One table, one plot, one grid: ILF, plain samplers and caches on one model, in one run.",
+    )
+    add_arguments(b)
 
     i = sub.add_parser("info", help="print a feedback weights file's metadata")
     i.add_argument("file", help="feedback weights file (.safetensors)")
@@ -238,7 +247,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"sample": cmd_sample, "info": cmd_info, "eval": cmd_eval}
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ilf_runtime.bench import main_from_args
+
+    return main_from_args(args)
+
+
+COMMANDS = {"sample": cmd_sample, "info": cmd_info, "eval": cmd_eval, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
