@@ -155,10 +155,9 @@ def test_ilf_with_cache_skips_only_unlooped_steps():
 
 
 def test_before_step_sees_every_step_and_its_timestep():
+    from ilf_runtime._tiny import ddim_scheduler
     from ilf_runtime.sampling import denoise, dit_conditioning
     from ilf_runtime.solvers import make_solver
-
-    from ilf_runtime._tiny import ddim_scheduler
 
     model = tiny_dit(num_layers=2)
     solver = make_solver(ddim_scheduler(), 5)
