@@ -54,7 +54,8 @@ def test_harness_end_to_end_writes_every_file(tiny_setup, capsys):
     assert main([*args, "--sweep", "fora=2", "--grid-per-class", "1", "--out", str(out)]) == 0
     for suffix in (".csv", ".json", ".md", "_pareto.png", "_grid.png"):
         assert (d / f"cmp{suffix}").stat().st_size > 0, suffix
-    rows = list(csv.DictReader(open(d / "cmp.csv")))
+    with open(d / "cmp.csv") as f:
+        rows = list(csv.DictReader(f))
     assert [(r["method"], int(r["steps"])) for r in rows] == [
         ("plain", 6), ("plain", 4), ("plain", 3), ("ilf", 4), ("fora", 6)
     ]  # fmt: skip
@@ -123,7 +124,7 @@ def test_sharded_quality_equals_one_process(tiny_setup):
     sharded = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     sharded += [script, *common, "--out", str(d / "two")]
     for cmd in (single, sharded):
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
         assert r.returncode == 0, r.stderr[-3000:]
     one = json.loads((d / "one.json").read_text())
     two = json.loads((d / "two.json").read_text())
