@@ -125,6 +125,26 @@ def _competitors(tab: list[dict[str, Any]], i: int) -> list[int]:
     ]
 
 
+def _name(r: dict[str, Any]) -> str:
+    return " ".join(str(x) for x in (r["method"], r["setting"], r["solver"], f"{r['steps']} steps") if x)
+
+
+def _helps(tab: list[dict[str, Any]], i: int) -> str:
+    """For an ILF + cache row: is it on the time-PSNR frontier, i.e. does no other row run at most
+    as long with at least its PSNR?"""
+    r = tab[i]
+    dom = [
+        q
+        for k, q in enumerate(tab)
+        if k != i and q["ref"] != "self"
+        and q["time_per_image_s"] <= r["time_per_image_s"] and q["psnr"] >= r["psnr"]
+    ]  # fmt: skip
+    if not dom:
+        return " Combining helps: yes, no other row is as fast with as high a PSNR."
+    best = max(dom, key=lambda q: q["psnr"])
+    return f" Combining helps: no, {_name(best)} is at least as fast with a PSNR of {best['psnr']:.2f} dB."
+
+
 def summarize(result: dict[str, Any]) -> list[str]:
     """Per ILF row (and ILF + cache row): the best competitor at its cost and the margins."""
     tab, res = table(result), result["results"]
@@ -132,46 +152,43 @@ def summarize(result: dict[str, Any]) -> list[str]:
     for i, r in enumerate(tab):
         if not r["method"].startswith("ilf"):
             continue
-        name = f"{r['method']} ({r['setting']}, {r['steps']} steps)"
-        head = (
-            f"{name}: {1000 * r['time_per_image_s']:.2f} ms/image, {r['speedup']:.2f}x vs plain "
+        line = (
+            f"{_name(r)}: {1000 * r['time_per_image_s']:.2f} ms/image, {r['speedup']:.2f}x vs plain "
             f"{result['context']['args']['ref_steps']} steps"
         )
         comp = _competitors(tab, i)
         if not comp:
-            lines.append(f"{head}; no competitor within {COST_TOLERANCE:.0%} of its time.")
-            continue
-        j = max(comp, key=lambda k: tab[k]["psnr"])
-        c = tab[j]
-        d = res[i]["per_image_psnr"] - res[j]["per_image_psnr"]
-        margin, se = float(d.mean()), float(d.std(unbiased=True) / math.sqrt(d.numel()))
-        if margin > 2 * se:
-            verdict = "ILF ahead by more than 2 SE"
-        elif margin < -2 * se:
-            verdict = "the competitor is ahead by more than 2 SE"
+            line += f"; no competitor within {COST_TOLERANCE:.0%} of its time."
         else:
-            verdict = "within 2 SE: no clear winner"
-        line = (
-            f"{head}; best competitor at this cost (±{COST_TOLERANCE:.0%}): {c['method']} {c['setting']} "
-            f"{c['solver']} {c['steps']} steps ({1000 * c['time_per_image_s']:.2f} ms/image): PSNR "
-            f"{r['psnr']:.2f} vs {c['psnr']:.2f} dB, margin {margin:+.2f} ± {se:.2f} dB (paired SE): {verdict}."
-        )
-        if r.get("fid") is not None:
-            better = [
-                tab[k]
-                for k in comp
-                if tab[k]["fid"] < r["fid"] - max(tab[k]["fid_subset_std"], r["fid_subset_std"])
-            ]
+            j = max(comp, key=lambda k: tab[k]["psnr"])
+            c = tab[j]
+            d = res[i]["per_image_psnr"] - res[j]["per_image_psnr"]  # paired by image
+            margin, se = float(d.mean()), float(d.std(unbiased=True) / math.sqrt(d.numel()))
+            if margin > 2 * se:
+                verdict = "ILF ahead by more than 2 SE"
+            elif margin < -2 * se:
+                verdict = "the competitor is ahead by more than 2 SE"
+            else:
+                verdict = "within 2 SE: no clear winner"
             line += (
-                " FID: "
-                + (
-                    "better beyond the subset spread for "
-                    + ", ".join(f"{b['method']} {b['setting']} {b['solver']} {b['steps']}" for b in better)
-                    if better
-                    else f"no competitor at this cost is better beyond the subset spread ({r['fid']:.3f} ± {r['fid_subset_std']:.3f})"
-                )
-                + "."
+                f"; best competitor at this cost (±{COST_TOLERANCE:.0%}): {_name(c)} "
+                f"({1000 * c['time_per_image_s']:.2f} ms/image): PSNR {r['psnr']:.2f} vs {c['psnr']:.2f} dB, "
+                f"margin {margin:+.2f} ± {se:.2f} dB (paired SE): {verdict}."
             )
+            if r.get("fid") is not None:
+                better = [
+                    q
+                    for q in (tab[k] for k in comp)
+                    if q["fid"] < r["fid"] - max(q["fid_subset_std"], r["fid_subset_std"])
+                ]
+                line += (
+                    " FID: better beyond the subset spread for " + ", ".join(_name(b) for b in better) + "."
+                    if better
+                    else f" FID: no competitor at this cost is better beyond the subset spread "
+                    f"({r['fid']:.3f} ± {r['fid_subset_std']:.3f})."
+                )
+        if r["method"] != "ilf":
+            line += _helps(tab, i)
         lines.append(line)
     return lines
 
@@ -266,7 +283,7 @@ def pareto_plot(result: dict[str, Any], path: Path) -> Path:
         y=0.02,
         fontsize=8,
     )
-    ilf_lines = [s for s in result.get("summary", []) if s.startswith("ilf (")]
+    ilf_lines = [s for s in result.get("summary", []) if s.startswith("ilf ")]
     fig.text(0.5, 0.06, "\n".join(ilf_lines)[:900], ha="center", fontsize=7, wrap=True)
     fig.tight_layout(rect=(0, 0.1, 1, 0.92))
     fig.savefig(path, dpi=120)

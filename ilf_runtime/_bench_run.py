@@ -34,7 +34,7 @@ class Row:
 
     @property
     def label(self) -> str:
-        return f"{self.method} {self.setting}".strip()
+        return " ".join(str(x) for x in (self.method, self.setting, self.solver, f"{self.steps} steps") if x)
 
     @property
     def is_ref(self) -> bool:

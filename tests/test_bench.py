@@ -78,7 +78,7 @@ def test_harness_end_to_end_writes_every_file(tiny_setup, capsys):
         "quality_batch",
     ):
         assert ctx[key] is not None, key
-    assert ctx["quality_images"] == 20 and report["summary"][0].startswith("ilf (fb")
+    assert ctx["quality_images"] == 20 and report["summary"][0].startswith("ilf fb loop last:2 ddim 4 steps")
     md = (d / "cmp.md").read_text()
     assert "| fora | N=2 |" in md and "Equal-cost summary" in md
     printed = capsys.readouterr().out
@@ -168,16 +168,21 @@ def test_summary_picks_best_competitor_at_equal_cost():
         ("plain", "c", 1.2, [40.0] * 4, 4.0, 0.3),  # better, but 20% dearer: not a competitor
     ])  # fmt: skip
     (line,) = summarize(res)
-    assert "best competitor at this cost" in line and "plain a ddim" in line
+    assert "best competitor at this cost" in line and "plain a ddim 10 steps" in line
     assert "margin +0.88 ± 0.12 dB" in line  # per-image differences 1, 1, 0.5, 1
     assert "ILF ahead by more than 2 SE" in line
-    assert "better beyond the subset spread for fora b" in line and "2.00x" in line
+    assert "better beyond the subset spread for fora b ddim 10 steps" in line and "2.00x" in line
+    assert "Combining helps" not in line
     res["results"][2]["per_image_psnr"] = torch.tensor([31.0, 32.0, 33.5, 34.0], dtype=torch.float64)
     res["results"][3]["fid"] = 4.4
     (line,) = summarize(res)
     assert "within 2 SE" in line and "no competitor at this cost is better" in line
     res["results"][2]["time_per_image_s"] = res["results"][3]["time_per_image_s"] = 1.5
     assert "no competitor within 5%" in summarize(res)[0]
+    res["rows"][1].method = "ilf+fora"  # a combination is judged against the time-PSNR frontier
+    assert "Combining helps: yes" in summarize(res)[0]
+    res["results"][4]["time_per_image_s"] = 0.9
+    assert "Combining helps: no, plain c ddim 10 steps is at least as fast" in summarize(res)[0]
 
 
 def test_frontier():
