@@ -50,7 +50,8 @@ def _git(*args: str) -> str | None:
         return None
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what `platform` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -72,7 +73,7 @@ def context(model: Any, a: Any, info: Any, n: int, time_batch: int, no_fid: str 
         "model_kind": model.kind,
         "num_blocks": len(model.transformer.transformer_blocks),
         "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
         "cpu_count": __import__("os").cpu_count(),
         "dtype": a.dtype,
         "guidance": a.guidance if a.guidance is not None else model.guidance,
