@@ -182,12 +182,10 @@ class Cache:
         reg = _registry(t)
         for name in self.hook_names:
             reg.remove_hook(name, recurse=True)
+        reg.invalidate_child_registries_cache()
         for m in t.modules():  # leave no empty registries and no instance `forward` behind
             r = m.__dict__.get("_diffusers_hook")
-            if r is None:
-                continue
-            r._child_registries_cache = None
-            if not r.hooks:
+            if r is not None and not r.hooks:
                 del m._diffusers_hook
                 fwd = m.__dict__.get("forward")
                 if getattr(fwd, "__self__", None) is m and getattr(fwd, "__func__", None) is type(m).forward:
@@ -203,6 +201,7 @@ class _OwnCache(Cache):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.skipping = False
+        self._loop: Any = None
         self.plan = [s and not f for s, f in zip(self._plan(), self._force)]
 
     def _plan(self) -> list[bool]:
@@ -211,10 +210,12 @@ class _OwnCache(Cache):
     def before_step(self, i: int, t: torch.Tensor) -> None:
         super().before_step(i, t)
         self.skipping = self.plan[i]
+        if i == 0:
+            self._loop = getattr(self.transformer, "ilf_loop", None)
 
     def in_ilf_loop(self) -> bool:
-        loop = getattr(self.transformer, "ilf_loop", None)
-        return bool(getattr(loop, "_running", False))
+        """True inside the ILF loop's second pass: it is left to compute untouched."""
+        return self._loop is not None and self._loop._running
 
 
 class _KeepOutputHook(ModelHook):

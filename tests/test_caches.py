@@ -149,6 +149,14 @@ def test_ilf_with_cache_skips_only_unlooped_steps():
         remove_cache(model)
         assert ctr.count == loop.config.block_evals(LAYERS, STEPS) - saved
         assert not torch.equal(combined, ilf_only)
+    # without compute_steps the loop may run on a reused step: its second pass computes untouched
+    # (2 loop blocks + the feedback block), the first pass reuses: 4 x (6 + 3) + 4 x (0 + 3)
+    loop.config.loop_steps = "all"
+    cache = apply_cache(model, ForaConfig(2), num_steps=STEPS)
+    with BlockEvalCounter(model) as ctr:
+        run(cache.before_step)
+    remove_cache(model)
+    assert ctr.count == 4 * (LAYERS + 3) + 4 * 3
     remove_ilf(model)
     with pytest.raises(ValueError, match="this project's caches only"):
         apply_cache(model, FirstBlockCacheConfig(0.1), num_steps=STEPS, compute_steps=mask)
