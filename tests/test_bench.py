@@ -189,3 +189,20 @@ def test_frontier():
     xs, ys = [1.0, 2.0, 3.0, 4.0, 2.5], [10.0, 8.0, 9.0, 5.0, 7.0]
     assert _frontier(xs, ys, lower_better=True) == [0, 1, 4, 3]
     assert _frontier(xs, ys, lower_better=False) == [0]
+
+
+def test_grid_only_main_job(tiny_setup, capsys):
+    d, model_dir, weights = tiny_setup
+    args = ["bench", "--grid-only", "--model", model_dir, "--ref-steps", "6", "--grid-per-class", "1"]
+    assert main([*args, "--weights", weights, "--repeats", "2", "--out", str(d / "g")]) == 0
+    assert (d / "g_grid.png").stat().st_size > 0 and not (d / "g.csv").exists()
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "speed-up" in ln]
+    assert [ln.split(":")[0].strip() for ln in lines] == [
+        "plain 6 steps",
+        "ILF 4 steps",
+        "plain 6 steps (equal cost)",
+    ]
+    assert "22 block evaluations per image" in lines[1]  # 4 steps x 4 blocks + 2 looped steps x (2 + 1)
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--out", str(d / "h")])
+    assert e.value.code == 2  # no weights: a one-line usage error
