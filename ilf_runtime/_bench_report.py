@@ -176,6 +176,8 @@ def summarize(result: dict[str, Any]) -> list[str]:
                 f"({1000 * c['time_per_image_s']:.2f} ms/image): PSNR {r['psnr']:.2f} vs {c['psnr']:.2f} dB, "
                 f"margin {margin:+.2f} ± {se:.2f} dB (paired SE): {verdict}."
             )
+            if c["ref"] != r["ref"]:
+                line += f" (The competitor's PSNR is against {c['ref']}, ILF's against {r['ref']}.)"
             if r.get("fid") is not None:
                 better = [
                     q
