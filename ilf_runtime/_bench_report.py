@@ -244,7 +244,7 @@ def pareto_plot(result: dict[str, Any], path: Path) -> Path:
     tab = table(result)
     fams = sorted({r["method"] for r in tab})
     colors = {f: plt.get_cmap("tab20")(k % 20) for k, f in enumerate(fams)}
-    fig, axes = plt.subplots(1, 2, figsize=(15, 6.5))
+    fig, axes = plt.subplots(1, 2, figsize=(15, 7.5))
     panels = [
         ("fid", "FID (lower is better)", True),
         ("psnr", "paired PSNR vs the reference (dB, higher is better)", False),
@@ -271,6 +271,9 @@ def pareto_plot(result: dict[str, Any], path: Path) -> Path:
             )
             tag = f"{r['steps']}" if r["method"] == "plain" else r["setting"].split(" loop")[0]
             ax.annotate(tag, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        for r in (q for q in pts if q["method"] == "ilf"):  # the equal-cost band around each ILF row
+            t = 1000 * r["time_per_image_s"]
+            ax.axvspan(t * (1 - COST_TOLERANCE), t * (1 + COST_TOLERANCE), color="grey", alpha=0.12, lw=0)
         front = _frontier(xs, ys, lower)
         ax.plot([xs[i] for i in front], [ys[i] for i in front], "k--", lw=1, zorder=2, label="frontier")
         ax.set_xlabel("measured time per image (ms)")
@@ -283,12 +286,12 @@ def pareto_plot(result: dict[str, Any], path: Path) -> Path:
     fig.suptitle(
         f"{c['model']} on {c['device_name']} ({c['device']}, {c['dtype']}, batch {c['time_batch']}, "
         f"{c['time_threads']} threads); circles: {tab[0]['solver']}, squares: other solver, stars: ILF",
-        y=0.02,
+        y=0.012,
         fontsize=8,
     )
     ilf_lines = [s for s in result.get("summary", []) if s.startswith("ilf ")]
-    fig.text(0.5, 0.06, "\n".join(ilf_lines)[:900], ha="center", fontsize=7, wrap=True)
-    fig.tight_layout(rect=(0, 0.1, 1, 0.92))
+    fig.text(0.5, 0.045, "\n".join(ilf_lines)[:900], ha="center", va="bottom", fontsize=7, wrap=True)
+    fig.tight_layout(rect=(0, 0.15, 1, 0.92))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
