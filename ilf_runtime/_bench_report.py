@@ -327,6 +327,8 @@ def write_all(result: dict[str, Any], stem: str | Path) -> list[Path]:
         "",
         markdown_table(result),
         "",
+        *[f"Note: {x}." for x in c.get("notes", [])],
+        "",
         "## Equal-cost summary",
         "",
         *[f"- {s}" for s in result["summary"]],

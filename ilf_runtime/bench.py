@@ -153,19 +153,23 @@ def _setting(family: str, spec: str) -> str:
     return caches.describe(cache_config(family, spec, dtype=torch.float32))[1]
 
 
-def _weights_files(a: BenchArgs, model: Any) -> list[str]:
+def _weights_files(a: BenchArgs) -> tuple[list[str], list[str]]:
+    """(weights files to run, notes on shipped files that are absent)."""
     from ilf_runtime.pipelines import MODEL_NAMES
 
     if a.weights:
-        return list(a.weights)
+        return list(a.weights), []
     where = MODEL_NAMES.get(a.model, (None,))[0]
     if not isinstance(where, Path):
-        return []
-    found = [str(where / f) for f in SHIPPED_WEIGHTS if (where / f).is_file()]
-    for f in SHIPPED_WEIGHTS:
-        if not (where / f).is_file():
-            logger.warning("no ILF row for %s: %s is absent (pass --weights)", f, where / f)
-    return found
+        return [], []
+    missing = [
+        f"no ILF row for {where / f}: the file is absent"
+        for f in SHIPPED_WEIGHTS
+        if not (where / f).is_file()
+    ]
+    for note in missing:
+        logger.warning("%s (pass --weights)", note)
+    return [str(where / f) for f in SHIPPED_WEIGHTS if (where / f).is_file()], missing
 
 
 def default_rows(a: BenchArgs, weights: Sequence[str]) -> list[Row]:
@@ -284,7 +288,8 @@ def run_bench(a: BenchArgs) -> dict[str, Any] | None:
 
     info = init_distributed(a.device)
     model = load_model(a.model, device=info.device, dtype=getattr(torch, report.DTYPES[a.dtype]))
-    rows = default_rows(a, _weights_files(a, model))
+    files, missing = _weights_files(a)
+    rows = default_rows(a, files)
     items = conditioning(model, a, a.per_class)
     n = len(next(iter(items.values())))
     runner = Runner(model, items, list(range(a.seed, a.seed + n)), a.guidance)
@@ -327,7 +332,7 @@ def run_bench(a: BenchArgs) -> dict[str, Any] | None:
     for res, t in zip(results, time_rows(runner, rows, tidx, a.repeats)):
         res |= t
     return {
-        "context": report.context(model, a, info, n, len(tidx), no_fid),
+        "context": report.context(model, a, info, n, len(tidx), no_fid) | {"notes": missing},
         "rows": rows,
         "results": results,
     }
@@ -445,7 +450,7 @@ def main_from_args(args: argparse.Namespace) -> int:
         from ilf_runtime.pipelines import load_model
 
         model = load_model(a.model, device=a.device, dtype=getattr(torch, report.DTYPES[a.dtype]))
-        files = _weights_files(a, model)
+        files, _ = _weights_files(a)
         if not files:
             raise ValueError("the grid needs ILF weights: pass --weights (no shipped weights found)")
         r = side_by_side(

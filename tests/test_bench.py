@@ -17,7 +17,7 @@ from conftest import tiny_dit
 
 from ilf_runtime import ILFConfig, apply_ilf, save_ilf_weights
 from ilf_runtime._bench_report import _frontier, summarize
-from ilf_runtime.bench import BenchArgs, Row, default_rows
+from ilf_runtime.bench import SHIPPED_WEIGHTS, BenchArgs, Row, _weights_files, default_rows
 from ilf_runtime.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,6 +106,14 @@ def test_default_rows_cover_the_issue(tiny_setup):
     assert sum(r.method == "magcache" for r in rows) >= 3  # thresholds swept
     with pytest.raises(ValueError, match="unknown methods"):
         BenchArgs(methods="plain,teacache")
+    # the bundled model's shipped weights are used when present, and each absent one gets a note
+    from ilf_runtime.pipelines import ASSETS
+
+    shipped = [ASSETS / "fashion-dit" / f for f in SHIPPED_WEIGHTS]
+    files, notes = _weights_files(BenchArgs())
+    assert files == [str(p) for p in shipped if p.is_file()]
+    assert len(notes) == sum(not p.is_file() for p in shipped)
+    assert _weights_files(BenchArgs(weights=[weights])) == ([weights], [])
     with pytest.raises(ValueError, match="fora setting"):
         default_rows(BenchArgs(methods="fora", sweep=["fora=x"]), [])
 
