@@ -40,6 +40,18 @@ COLUMNS = [
 ]
 
 
+CSV_CONTEXT = (
+    "device",
+    "dtype",
+    "time_batch",
+    "time_threads",
+    "quality_batch",
+    "torch",
+    "diffusers",
+    "git_commit",
+)
+
+
 def _git(*args: str) -> str | None:
     root = Path(__file__).resolve().parents[1]
     try:
@@ -304,16 +316,17 @@ def write_all(result: dict[str, Any], stem: str | Path) -> list[Path]:
     result["summary"] = summarize(result)
     tab = table(result)
     paths = [stem.with_suffix(".csv"), stem.with_suffix(".json"), stem.with_suffix(".md")]
+    c = result["context"]
+    ctx = {k: c[k] for k in CSV_CONTEXT}  # every CSV row carries what its numbers depend on
     with open(paths[0], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w = csv.DictWriter(f, fieldnames=COLUMNS + list(CSV_CONTEXT))
         w.writeheader()
-        w.writerows(tab)
+        w.writerows(r | ctx for r in tab)
     paths[1].write_text(
         json.dumps(
             {"context": result["context"], "rows": tab, "summary": result["summary"]}, indent=1, default=str
         )
     )
-    c = result["context"]
     md = [
         f"# ILF against fewer steps and caching: {c['model']}",
         "",

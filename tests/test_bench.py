@@ -63,6 +63,7 @@ def test_harness_end_to_end_writes_every_file(tiny_setup, capsys):
     ilf_evals = ILFConfig(loop_start=1, loop_end=2).block_evals(LAYERS, 4, "last:2")
     assert evals == [6 * LAYERS, 4 * LAYERS, 3 * LAYERS, ilf_evals, 3 * LAYERS]  # FORA N=2: half of 6 steps
     assert float(rows[0]["speedup"]) == 1.0 and rows[0]["ref"] == "self"
+    assert {r["device"] for r in rows} == {"cpu"} and all(r["git_commit"] and r["torch"] for r in rows)
     assert all(float(r["time_per_image_s"]) > 0 and float(r["peak_mem_mb"]) > 0 for r in rows)
     assert all(0 < float(r["psnr"]) < 100 for r in rows[1:])
     report = json.loads((d / "cmp.json").read_text())
