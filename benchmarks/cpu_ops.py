@@ -23,6 +23,7 @@ import torch
 from torch.utils import benchmark
 
 from ilf_runtime import ops
+from ilf_runtime._bench_report import cpu_name
 from ilf_runtime._ext import ext_status
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,16 +45,6 @@ def git_commit() -> str:
 
     commit = git("rev-parse", "--short", "HEAD") or "no commit"
     return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def cases(sizes):

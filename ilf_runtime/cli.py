@@ -1,4 +1,4 @@
-"""The `ilf` command line: `ilf sample`, `ilf eval`, `ilf info`, `ilf train`.
+"""The `ilf` command line: `ilf sample`, `ilf eval`, `ilf bench`, `ilf info`, `ilf train`.
 
 Flags map onto the keyword arguments of `ilf_runtime.sample`. Errors in the arguments or in the
 inputs (missing model, bad weights file, wrong labels) end with a one-line message and exit code 2,
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="eval", help="output path stem: writes STEM.json and STEM.md")
     e.add_argument("--no-progress", action="store_true")
 
-    from ilf_runtime.train import add_arguments
+    from ilf_runtime.train import add_arguments as add_train_arguments
 
     t = sub.add_parser(
         "train",
@@ -114,7 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train the feedback module of an ILF loop by distillation from the frozen backbone; "
         "runs data-parallel under torchrun.",
     )
-    add_arguments(t)
+    add_train_arguments(t)
+
+    from ilf_runtime.bench import add_arguments
+
+    b = sub.add_parser(
+        "bench",
+        help="speed and quality of ILF against fewer steps and caching methods (benchmarks/compare.py)",
+        description="One table, one plot, one grid: ILF, plain samplers and caches on one model, in one run.",
+    )
+    add_arguments(b)
 
     i = sub.add_parser("info", help="print a feedback weights file's metadata")
     i.add_argument("file", help="feedback weights file (.safetensors)")
@@ -290,7 +299,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"sample": cmd_sample, "info": cmd_info, "eval": cmd_eval, "train": cmd_train}
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ilf_runtime.bench import main_from_args
+
+    return main_from_args(args)
+
+
+COMMANDS = {"sample": cmd_sample, "info": cmd_info, "eval": cmd_eval, "bench": cmd_bench, "train": cmd_train}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from os import PathLike
 from pathlib import Path
@@ -300,6 +300,7 @@ def sample(
     progress: bool = False,
     return_latents_only: bool = False,
     cuda_graph: bool = False,
+    before_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> SampleOutput:
     """Samples images from a DiT or PixArt model with this project's own loop.
 
@@ -322,6 +323,8 @@ def sample(
         cuda_graph: run each batch's whole denoising loop as one CUDA graph, captured on the first
             batch of a new shape and replayed after (`ilf_runtime.graphs`); the latents equal the eager
             loop's bit for bit. Needs a model on a CUDA device: a CPU model raises ValueError.
+        before_step: passed on to `denoise` for every batch: called with (step index, timestep)
+            before each model call; a cache from `ilf_runtime.caches` restarts at step 0.
     """
     from ilf_runtime.solvers import make_solver
 
@@ -408,6 +411,7 @@ def sample(
                 loop_mask=mask,
                 on_step=on_step,
                 cuda_graph=cuda_graph,
+                before_step=before_step,
             )
             latents.append(x)
             if not return_latents_only:

@@ -163,6 +163,7 @@ def denoise(
     loop_mask: Sequence[bool] | None = None,
     on_step: Callable[[int], None] | None = None,
     cuda_graph: bool = False,
+    before_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Runs `solver` from `noise` to the final latents.
 
@@ -178,6 +179,9 @@ def denoise(
         cuda_graph: run the whole loop as one CUDA graph (`ilf_runtime.graphs`), captured on the
             first call with a new shape key and replayed after; the result equals the eager loop's
             bit for bit. Needs the transformer and the latents on a CUDA device (else ValueError).
+        before_step: called with the step index and timestep tensor before each model call (cache
+            hooks set their per-step state here; see `ilf_runtime.caches`); must not sync to stay
+            graph-capturable.
     """
     model_kind(transformer)
     n = solver.num_steps
@@ -194,7 +198,11 @@ def denoise(
     spec = _LoopSpec(cond.kind, guided, float(guidance_scale), cond.uncond_first, tuple(mask), c_lat)
 
     if not cuda_graph:
-        return _run_steps(transformer, noise, solver, cond.kwargs(guided), spec, on_step)
+        return _run_steps(transformer, noise, solver, cond.kwargs(guided), spec, on_step, before_step)
+    if before_step is not None:
+        raise ValueError(
+            "before_step (cache hooks) cannot run inside a captured CUDA graph; use cuda_graph=False"
+        )
     device = next(transformer.parameters()).device
     if device.type != "cuda" or noise.device.type != "cuda":
         raise ValueError(
@@ -231,6 +239,7 @@ def _run_steps(
     kwargs: dict[str, Any],
     spec: _LoopSpec,
     on_step: Callable[[int], None] | None = None,
+    before_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """The step loop: no host sync, no branch on a tensor value (so it can be captured whole)."""
     n = solver.num_steps
@@ -240,6 +249,8 @@ def _run_steps(
         for i in range(n):
             if loop is not None:
                 loop.active = spec.mask[i]
+            if before_step is not None:
+                before_step(i, solver.timesteps[i])
             eps = _model_eps(transformer, x, solver.timesteps[i], kwargs, spec)
             if spec.kind == "pixart" and n == 1:  # PixArt's one-step (DMD) path returns the x0 prediction
                 x = solver.predict_x0(i, x, eps)

@@ -1,0 +1,399 @@
+"""Tables, summary, Pareto plot and side-by-side grid of `ilf_runtime.bench` (internal)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+COST_TOLERANCE = 0.05  # "at ILF's cost": measured time within 5%
+COLUMNS = [
+    "method",
+    "setting",
+    "solver",
+    "steps",
+    "loop_steps",
+    "weights",
+    "block_evals_per_image",
+    "time_per_image_s",
+    "time_min_s",
+    "time_max_s",
+    "speedup",
+    "fid",
+    "fid_subset_mean",
+    "fid_subset_std",
+    "fid_floor",
+    "class_accuracy",
+    "psnr",
+    "psnr_se",
+    "ref",
+    "peak_mem_mb",
+    "n",
+]
+
+
+CSV_CONTEXT = (
+    "device",
+    "dtype",
+    "time_batch",
+    "time_threads",
+    "quality_batch",
+    "torch",
+    "diffusers",
+    "git_commit",
+)
+
+
+def _git(*args: str) -> str | None:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        return subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def context(model: Any, a: Any, info: Any, n: int, time_batch: int, no_fid: str | None) -> dict[str, Any]:
+    """Everything a row's numbers depend on besides the row itself."""
+    from dataclasses import asdict
+
+    import diffusers
+
+    dev = model.device
+    return {
+        "model": a.model,
+        "model_kind": model.kind,
+        "num_blocks": len(model.transformer.transformer_blocks),
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
+        "cpu_count": __import__("os").cpu_count(),
+        "dtype": a.dtype,
+        "guidance": a.guidance if a.guidance is not None else model.guidance,
+        "quality_images": n,
+        "seeds": [a.seed, a.seed + n - 1],
+        "quality_batch": a.batch_size,
+        "quality_processes": info.world_size,
+        "time_batch": time_batch,
+        "timing": f"rank 0 alone; warm-up pass, then median of {a.repeats} interleaved passes (order rotated)",
+        "time_threads": torch.get_num_threads(),
+        "peak_memory": "CUDA max allocated" if dev.type == "cuda" else "process RSS (polled every 2 ms)",
+        "fid": no_fid
+        or "shipped Fashion-MNIST classifier features vs the test split; floor: train split, same n",
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "args": asdict(a),
+    }
+
+
+def table(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One flat dict per row (the CSV / JSON rows), with the speed-up against the reference row."""
+    rows, res = result["rows"], result["results"]
+    ref_steps = result["context"]["args"]["ref_steps"]
+    ref_time = {
+        r.solver: x["time_per_image_s"] for r, x in zip(rows, res) if r.is_ref and r.steps == ref_steps
+    }
+    first = next(iter(ref_time.values()))
+    out = []
+    for r, x in zip(rows, res):
+        d = {"method": r.method, "setting": r.setting, "solver": r.solver, "steps": r.steps}
+        d |= {"loop_steps": r.loop_steps, "weights": r.weights and Path(r.weights).name}
+        d |= {k: v for k, v in x.items() if k != "per_image_psnr"}
+        d["speedup"] = ref_time.get(r.solver, first) / x["time_per_image_s"]
+        if r.is_ref and r.steps == ref_steps:
+            d["ref"] = "self"
+        out.append({k: d.get(k) for k in COLUMNS})
+    return out
+
+
+def _competitors(tab: list[dict[str, Any]], i: int) -> list[int]:
+    t = tab[i]["time_per_image_s"]
+    return [
+        j
+        for j, r in enumerate(tab)
+        if not r["method"].startswith("ilf") and abs(r["time_per_image_s"] - t) <= COST_TOLERANCE * t
+    ]
+
+
+def _name(r: dict[str, Any]) -> str:
+    return " ".join(str(x) for x in (r["method"], r["setting"], r["solver"], f"{r['steps']} steps") if x)
+
+
+def _helps(tab: list[dict[str, Any]], i: int) -> str:
+    """For an ILF + cache row: is it on the time-PSNR frontier, i.e. does no other row run at most
+    as long with at least its PSNR?"""
+    r = tab[i]
+    dom = [
+        q
+        for k, q in enumerate(tab)
+        if k != i and q["ref"] != "self"
+        and q["time_per_image_s"] <= r["time_per_image_s"] and q["psnr"] >= r["psnr"]
+    ]  # fmt: skip
+    if not dom:
+        return " Combining helps: yes, no other row is as fast with as high a PSNR."
+    best = max(dom, key=lambda q: q["psnr"])
+    return f" Combining helps: no, {_name(best)} is at least as fast with a PSNR of {best['psnr']:.2f} dB."
+
+
+def summarize(result: dict[str, Any]) -> list[str]:
+    """Per ILF row (and ILF + cache row): the best competitor at its cost and the margins."""
+    tab, res = table(result), result["results"]
+    lines = []
+    for i, r in enumerate(tab):
+        if not r["method"].startswith("ilf"):
+            continue
+        line = (
+            f"{_name(r)}: {1000 * r['time_per_image_s']:.2f} ms/image, {r['speedup']:.2f}x vs plain "
+            f"{result['context']['args']['ref_steps']} steps"
+        )
+        comp = _competitors(tab, i)
+        if not comp:
+            line += f"; no competitor within {COST_TOLERANCE:.0%} of its time."
+        else:
+            j = max(comp, key=lambda k: tab[k]["psnr"])
+            c = tab[j]
+            d = res[i]["per_image_psnr"] - res[j]["per_image_psnr"]  # paired by image
+            margin, se = float(d.mean()), float(d.std(unbiased=True) / math.sqrt(d.numel()))
+            if margin > 2 * se:
+                verdict = "ILF ahead by more than 2 SE"
+            elif margin < -2 * se:
+                verdict = "the competitor is ahead by more than 2 SE"
+            else:
+                verdict = "within 2 SE: no clear winner"
+            line += (
+                f"; best competitor at this cost (±{COST_TOLERANCE:.0%}): {_name(c)} "
+                f"({1000 * c['time_per_image_s']:.2f} ms/image): PSNR {r['psnr']:.2f} vs {c['psnr']:.2f} dB, "
+                f"margin {margin:+.2f} ± {se:.2f} dB (paired SE): {verdict}."
+            )
+            if c["ref"] != r["ref"]:
+                line += f" (The competitor's PSNR is against {c['ref']}, ILF's against {r['ref']}.)"
+            if r.get("fid") is not None:
+                better = [
+                    q
+                    for q in (tab[k] for k in comp)
+                    if q["fid"] < r["fid"] - max(q["fid_subset_std"], r["fid_subset_std"])
+                ]
+                line += (
+                    " FID: better beyond the subset spread for " + ", ".join(_name(b) for b in better) + "."
+                    if better
+                    else f" FID: no competitor at this cost is better beyond the subset spread "
+                    f"({r['fid']:.3f} ± {r['fid_subset_std']:.3f})."
+                )
+        if r["method"] != "ilf":
+            line += _helps(tab, i)
+        lines.append(line)
+    return lines
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    head = (
+        "| method | setting | solver | steps | block evals / image | time / image (ms) [min-max] | speed-up | "
+        "FID (subset mean ± std) | FID floor | class acc | PSNR vs ref (dB) ± SE | peak mem (MiB) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"
+    )
+    lines = [head]
+    for r in table(result):
+        fid = (
+            "-"
+            if r["fid"] is None
+            else f"{r['fid']:.3f} ({r['fid_subset_mean']:.2f} ± {r['fid_subset_std']:.2f})"
+        )
+        acc = "-" if r["class_accuracy"] is None else f"{100 * r['class_accuracy']:.1f}%"
+        psnr = "ref" if r["ref"] == "self" else f"{r['psnr']:.2f} ± {r['psnr_se']:.2f}"
+        t = f"{1000 * r['time_per_image_s']:.2f} [{1000 * r['time_min_s']:.2f}-{1000 * r['time_max_s']:.2f}]"
+        lines.append(
+            f"| {r['method']} | {r['setting'] or '-'} | {r['solver']} | {r['steps']} | "
+            f"{r['block_evals_per_image']:g} | {t} | {r['speedup']:.2f}x | {fid} | {_fmt(r['fid_floor'], '.3f')} | "
+            f"{acc} | {psnr} | {r['peak_mem_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def _frontier(xs: list[float], ys: list[float], lower_better: bool) -> list[int]:
+    """Indices of the rows no faster row beats in quality, by time."""
+    best, keep = math.inf, []
+    for i in sorted(range(len(xs)), key=lambda k: (xs[k], ys[k] if lower_better else -ys[k])):
+        q = ys[i] if lower_better else -ys[i]
+        if q < best:
+            best = q
+            keep.append(i)
+    return keep
+
+
+def pareto_plot(result: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tab = table(result)
+    fams = sorted({r["method"] for r in tab})
+    colors = {f: plt.get_cmap("tab20")(k % 20) for k, f in enumerate(fams)}
+    fig, axes = plt.subplots(1, 2, figsize=(15, 7.5))
+    panels = [
+        ("fid", "FID (lower is better)", True),
+        ("psnr", "paired PSNR vs the reference (dB, higher is better)", False),
+    ]
+    for ax, (key, ylabel, lower) in zip(axes, panels):
+        pts = [r for r in tab if r[key] is not None and not (key == "psnr" and r["ref"] == "self")]
+        if not pts:
+            ax.text(0.5, 0.5, f"{key} not available for this model", ha="center", transform=ax.transAxes)
+            continue
+        xs = [1000 * r["time_per_image_s"] for r in pts]
+        ys = [r[key] for r in pts]
+        for x, y, r in zip(xs, ys, pts):
+            ilf = r["method"].startswith("ilf")
+            marker = "*" if ilf else ("o" if r["solver"] == pts[0]["solver"] else "s")
+            ax.scatter(
+                x,
+                y,
+                color=colors[r["method"]],
+                marker=marker,
+                s=160 if ilf else 40,
+                zorder=3,
+                edgecolors="black" if ilf else "none",
+                label=r["method"],
+            )
+            tag = f"{r['steps']}" if r["method"] == "plain" else r["setting"].split(" loop")[0]
+            ax.annotate(tag, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        for r in (q for q in pts if q["method"] == "ilf"):  # the equal-cost band around each ILF row
+            t = 1000 * r["time_per_image_s"]
+            ax.axvspan(t * (1 - COST_TOLERANCE), t * (1 + COST_TOLERANCE), color="grey", alpha=0.12, lw=0)
+        front = _frontier(xs, ys, lower)
+        ax.plot([xs[i] for i in front], [ys[i] for i in front], "k--", lw=1, zorder=2, label="frontier")
+        ax.set_xlabel("measured time per image (ms)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[1].get_legend_handles_labels()
+    uniq = dict(zip(labels, handles))
+    fig.legend(uniq.values(), uniq.keys(), loc="upper center", ncol=min(6, len(uniq)), fontsize=8)
+    c = result["context"]
+    fig.suptitle(
+        f"{c['model']} on {c['device_name']} ({c['device']}, {c['dtype']}, batch {c['time_batch']}, "
+        f"{c['time_threads']} threads); circles: {tab[0]['solver']}, squares: other solver, stars: ILF",
+        y=0.012,
+        fontsize=8,
+    )
+    ilf_lines = [s for s in result.get("summary", []) if s.startswith("ilf ")]
+    fig.text(0.5, 0.045, "\n".join(ilf_lines)[:900], ha="center", va="bottom", fontsize=7, wrap=True)
+    fig.tight_layout(rect=(0, 0.15, 1, 0.92))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_all(result: dict[str, Any], stem: str | Path) -> list[Path]:
+    """STEM.csv, STEM.json, STEM.md and STEM_pareto.png; adds the summary to `result`."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    result["summary"] = summarize(result)
+    tab = table(result)
+    paths = [stem.with_suffix(".csv"), stem.with_suffix(".json"), stem.with_suffix(".md")]
+    c = result["context"]
+    ctx = {k: c[k] for k in CSV_CONTEXT}  # every CSV row carries what its numbers depend on
+    with open(paths[0], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS + list(CSV_CONTEXT))
+        w.writeheader()
+        w.writerows(r | ctx for r in tab)
+    paths[1].write_text(
+        json.dumps(
+            {"context": result["context"], "rows": tab, "summary": result["summary"]}, indent=1, default=str
+        )
+    )
+    md = [
+        f"# ILF against fewer steps and caching: {c['model']}",
+        "",
+        (
+            f"{c['quality_images']} images per row (seeds {c['seeds'][0]}..{c['seeds'][1]}), guidance {c['guidance']}, "
+            f"{c['dtype']} on {c['device_name']} ({c['device']}); timing: batch {c['time_batch']}, {c['timing']}, "
+            f"{c['time_threads']} threads. PSNR: paired, against the plain {c['args']['ref_steps']}-step images of the "
+            f"same solver from the same noise (SE of the mean). FID: {c['fid']}. torch {c['torch']}, diffusers "
+            f"{c['diffusers']}, commit {str(c['git_commit'])[:12]}{' (dirty)' if c['git_dirty'] else ''}, {c['date']}."
+        ),
+        "",
+        markdown_table(result),
+        "",
+        *[f"Note: {x}." for x in c.get("notes", [])],
+        "",
+        "## Equal-cost summary",
+        "",
+        *[f"- {s}" for s in result["summary"]],
+        "",
+        (
+            "Notes: block evaluations are counted as they run (attention and MLP of each block an equal share; "
+            "the feedback block counts as a block). First-Block-Cache and MagCache decide on the host every step "
+            "(`.item()`), so they cannot run inside a captured CUDA graph; every row here runs eagerly."
+        ),
+        "",
+    ]
+    paths[2].write_text("\n".join(md))
+    paths.append(pareto_plot(result, stem.parent / f"{stem.name}_pareto.png"))
+    return paths
+
+
+def save_side_by_side(panels: list[dict[str, Any]], out: str | Path, per_class: int) -> Path:
+    """Panels side by side, each a grid with one row per class, titled with its time and speed-up."""
+    from PIL import Image, ImageDraw
+
+    from ilf_runtime.images import make_grid
+
+    arrs = []
+    for p in panels:
+        g = make_grid(p["images"].float().clamp(0, 1), per_class, min_cell=48)
+        arrs.append((g * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+    h = max(a.shape[0] for a in arrs)
+    gap, top = 16, 30
+    widths = [max(a.shape[1], 6 * len(p["title"]) + 4) for p, a in zip(panels, arrs)]  # room for the title
+    width = sum(widths) + gap * (len(arrs) - 1)
+    mode = "L" if arrs[0].shape[2] == 1 else "RGB"
+    canvas = Image.new(mode, (width, h + top), color=255 if mode == "L" else (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    x = 0
+    for p, a, w in zip(panels, arrs, widths):
+        img = Image.fromarray(a[:, :, 0] if mode == "L" else a[:, :, :3])
+        canvas.paste(img, (x, top))
+        draw.text((x + 2, 2), p["title"], fill=0 if mode == "L" else (0, 0, 0))
+        draw.text(
+            (x + 2, 15), f"{p['seconds']:.2f} s, {p['speedup']:.2f}x", fill=0 if mode == "L" else (0, 0, 0)
+        )
+        x += w + gap
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+    return out
+
+
+def print_side_by_side(r: dict[str, Any]) -> None:
+    print(f"wrote {r['out']} (same noise and labels in every panel)")
+    for p in r["panels"]:
+        print(
+            f"  {p['title']}: {p['seconds']:.3f} s, {p['block_evals_per_image']:g} block evaluations per image, "
+            f"speed-up {p['speedup']:.2f}x vs {r['panels'][0]['title']}"
+        )

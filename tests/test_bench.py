@@ -1,0 +1,217 @@
+"""The comparison harness (`ilf bench`, benchmarks/compare.py) end to end on a tiny model, sharded
+evaluation under torchrun against one process, and the equal-cost summary on made-up rows."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import tiny_dit
+
+from ilf_runtime import ILFConfig, apply_ilf, save_ilf_weights
+from ilf_runtime._bench_report import _frontier, summarize
+from ilf_runtime.bench import SHIPPED_WEIGHTS, BenchArgs, Row, _weights_files, default_rows
+from ilf_runtime.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = 4
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """A saved 10-class 1-channel tiny DiT (so FID and class accuracy apply) and ILF weights for it."""
+    d = tmp_path_factory.mktemp("bench")
+    model = tiny_dit(num_layers=LAYERS, in_channels=1, learned_sigma=False)
+    model.save_pretrained(d / "model")
+    loop = apply_ilf(model, ILFConfig(loop_start=1, loop_end=2, loop_steps="last:2"))
+    with torch.no_grad():
+        loop.scales.fill_(0.05)
+    w = save_ilf_weights(
+        d / "fb.safetensors", model, sampler={"num_steps": 4, "solver": "ddim", "loop_steps": "last:2"}
+    )
+    return d, str(d / "model"), str(w)
+
+
+def _common(model_dir: str) -> list[str]:
+    return [
+        "--model", model_dir, "--solvers", "ddim", "--plain-steps", "3,4", "--ref-steps", "6",
+        "--cache-steps", "6", "--per-class", "2", "--subsets", "2", "--batch-size", "4",
+        "--time-batch", "2", "--repeats", "1", "--no-progress",
+    ]  # fmt: skip
+
+
+def test_harness_end_to_end_writes_every_file(tiny_setup, capsys):
+    d, model_dir, weights = tiny_setup
+    out = d / "cmp"
+    args = ["bench", *_common(model_dir), "--weights", weights, "--methods", "plain,ilf,fora"]
+    assert main([*args, "--sweep", "fora=2", "--grid-per-class", "1", "--out", str(out)]) == 0
+    for suffix in (".csv", ".json", ".md", "_pareto.png", "_grid.png"):
+        assert (d / f"cmp{suffix}").stat().st_size > 0, suffix
+    with open(d / "cmp.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], int(r["steps"])) for r in rows] == [
+        ("plain", 6), ("plain", 4), ("plain", 3), ("ilf", 4), ("fora", 6)
+    ]  # fmt: skip
+    evals = [float(r["block_evals_per_image"]) for r in rows]
+    ilf_evals = ILFConfig(loop_start=1, loop_end=2).block_evals(LAYERS, 4, "last:2")
+    assert evals == [6 * LAYERS, 4 * LAYERS, 3 * LAYERS, ilf_evals, 3 * LAYERS]  # FORA N=2: half of 6 steps
+    assert float(rows[0]["speedup"]) == 1.0 and rows[0]["ref"] == "self"
+    assert {r["device"] for r in rows} == {"cpu"} and all(r["git_commit"] and r["torch"] for r in rows)
+    assert all(float(r["time_per_image_s"]) > 0 and float(r["peak_mem_mb"]) > 0 for r in rows)
+    assert all(0 < float(r["psnr"]) < 100 for r in rows[1:])
+    report = json.loads((d / "cmp.json").read_text())
+    ctx = report["context"]
+    for key in (
+        "device",
+        "dtype",
+        "time_batch",
+        "time_threads",
+        "torch",
+        "diffusers",
+        "git_commit",
+        "quality_batch",
+    ):
+        assert ctx[key] is not None, key
+    assert ctx["quality_images"] == 20 and report["summary"][0].startswith("ilf fb loop last:2 ddim 4 steps")
+    md = (d / "cmp.md").read_text()
+    assert "| fora | N=2 |" in md and "Equal-cost summary" in md
+    printed = capsys.readouterr().out
+    assert "ILF 4 steps" in printed and "speed-up" in printed
+
+
+def test_default_rows_cover_the_issue(tiny_setup):
+    _, _, weights = tiny_setup
+    rows = default_rows(BenchArgs(), [weights])
+    labels = {(r.method, r.solver, r.steps) for r in rows}
+    for solver in ("ddim", "dpmpp_2m"):
+        assert {("plain", solver, n) for n in (8, 9, 10, 11, 12, 13, 14, 15, 16, 20)} <= labels
+    assert rows[0].is_ref and rows[1].is_ref and rows[0].steps == 20
+    methods = {r.method for r in rows}
+    assert {
+        "ilf",
+        "fora",
+        "delta-dit",
+        "inner-reuse",
+        "first-block-cache",
+        "taylorseer",
+        "magcache",
+    } <= methods
+    assert {"ilf+fora", "ilf+inner-reuse"} <= methods
+    assert sum(r.method == "magcache" for r in rows) >= 3  # thresholds swept
+    with pytest.raises(ValueError, match="unknown methods"):
+        BenchArgs(methods="plain,teacache")
+    # the bundled model's shipped weights are used when present, and each absent one gets a note
+    from ilf_runtime.pipelines import ASSETS
+
+    shipped = [ASSETS / "fashion-dit" / f for f in SHIPPED_WEIGHTS]
+    files, notes = _weights_files(BenchArgs())
+    assert files == [str(p) for p in shipped if p.is_file()]
+    assert len(notes) == sum(not p.is_file() for p in shipped)
+    assert _weights_files(BenchArgs(weights=[weights])) == ([weights], [])
+    with pytest.raises(ValueError, match="fora setting"):
+        default_rows(BenchArgs(methods="fora", sweep=["fora=x"]), [])
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed gloo missing"
+)
+def test_sharded_quality_equals_one_process(tiny_setup):
+    d, model_dir, _ = tiny_setup
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    common = [*_common(model_dir), "--methods", "plain,fora,first-block-cache", "--grid-per-class", "0"]
+    common += ["--sweep", "fora=2", "--sweep", "first-block-cache=0.2"]
+    script = str(ROOT / "benchmarks" / "compare.py")
+    single = [sys.executable, script, *common, "--out", str(d / "one")]
+    sharded = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    sharded += [script, *common, "--out", str(d / "two")]
+    for cmd in (single, sharded):
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
+        assert r.returncode == 0, r.stderr[-3000:]
+    one = json.loads((d / "one.json").read_text())
+    two = json.loads((d / "two.json").read_text())
+    assert two["context"]["quality_processes"] == 2 and one["context"]["quality_processes"] == 1
+    keys = (
+        "block_evals_per_image",
+        "fid",
+        "fid_subset_std",
+        "fid_floor",
+        "class_accuracy",
+        "psnr",
+        "psnr_se",
+    )
+    assert len(one["rows"]) == len(two["rows"]) == 5
+    for a, b in zip(one["rows"], two["rows"]):
+        assert {k: a[k] for k in keys} == {k: b[k] for k in keys}, a["method"]
+
+
+def _fake(rows_spec):
+    """A result as `run_bench` returns it, from (method, setting, seconds, per-image PSNRs, FID, spread)."""
+    rows, results = [], []
+    for method, setting, t, psnr, fid, spread in rows_spec:
+        rows.append(Row(method, setting, "ddim", 20 if method == "plain" and setting == "ref" else 10))
+        pp = torch.tensor(psnr, dtype=torch.float64)
+        results.append({
+            "time_per_image_s": t, "time_min_s": t, "time_max_s": t, "peak_mem_mb": 1.0, "n": len(psnr),
+            "block_evals_per_image": 1.0, "psnr": float(pp.mean()), "psnr_se": 0.1, "per_image_psnr": pp,
+            "fid": fid, "fid_subset_mean": fid, "fid_subset_std": spread, "fid_floor": 0.1,
+            "class_accuracy": 0.8, "ref": "plain ddim 20",
+        })  # fmt: skip
+    rows[0].setting = ""
+    return {"context": {"args": {"ref_steps": 20}}, "rows": rows, "results": results}
+
+
+def test_summary_picks_best_competitor_at_equal_cost():
+    res = _fake([
+        ("plain", "ref", 2.0, [100.0] * 4, 4.0, 0.3),
+        ("ilf", "w", 1.0, [31.0, 32.0, 33.0, 34.0], 4.5, 0.3),
+        ("plain", "a", 1.04, [30.0, 31.0, 32.5, 33.0], 4.4, 0.3),  # within 5%: the best competitor
+        ("fora", "b", 0.97, [20.0, 21.0, 22.0, 23.0], 3.0, 0.3),  # within 5%, much better FID
+        ("plain", "c", 1.2, [40.0] * 4, 4.0, 0.3),  # better, but 20% dearer: not a competitor
+    ])  # fmt: skip
+    (line,) = summarize(res)
+    assert "best competitor at this cost" in line and "plain a ddim 10 steps" in line
+    assert "margin +0.88 ± 0.12 dB" in line  # per-image differences 1, 1, 0.5, 1
+    assert "ILF ahead by more than 2 SE" in line
+    assert "better beyond the subset spread for fora b ddim 10 steps" in line and "2.00x" in line
+    assert "Combining helps" not in line
+    res["results"][2]["per_image_psnr"] = torch.tensor([31.0, 32.0, 33.5, 34.0], dtype=torch.float64)
+    res["results"][3]["fid"] = 4.4
+    (line,) = summarize(res)
+    assert "within 2 SE" in line and "no competitor at this cost is better" in line
+    res["results"][2]["time_per_image_s"] = res["results"][3]["time_per_image_s"] = 1.5
+    assert "no competitor within 5%" in summarize(res)[0]
+    res["rows"][1].method = "ilf+fora"  # a combination is judged against the time-PSNR frontier
+    assert "Combining helps: yes" in summarize(res)[0]
+    res["results"][4]["time_per_image_s"] = 0.9
+    assert "Combining helps: no, plain c ddim 10 steps is at least as fast" in summarize(res)[0]
+
+
+def test_frontier():
+    xs, ys = [1.0, 2.0, 3.0, 4.0, 2.5], [10.0, 8.0, 9.0, 5.0, 7.0]
+    assert _frontier(xs, ys, lower_better=True) == [0, 1, 4, 3]
+    assert _frontier(xs, ys, lower_better=False) == [0]
+
+
+def test_grid_only_main_job(tiny_setup, capsys):
+    d, model_dir, weights = tiny_setup
+    args = ["bench", "--grid-only", "--model", model_dir, "--ref-steps", "6", "--grid-per-class", "1"]
+    assert main([*args, "--weights", weights, "--repeats", "2", "--out", str(d / "g")]) == 0
+    assert (d / "g_grid.png").stat().st_size > 0 and not (d / "g.csv").exists()
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "speed-up" in ln]
+    assert [ln.split(":")[0].strip() for ln in lines] == [
+        "plain 6 steps",
+        "ILF 4 steps",
+        "plain 6 steps (equal cost)",
+    ]
+    assert "22 block evaluations per image" in lines[1]  # 4 steps x 4 blocks + 2 looped steps x (2 + 1)
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--out", str(d / "h")])
+    assert e.value.code == 2  # no weights: a one-line usage error
