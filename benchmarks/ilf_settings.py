@@ -52,12 +52,17 @@ SETTINGS: dict[str, dict] = {
     "K": {"loop_start": 0, "loop_end": 11, "loop_steps": "last:1"},
     "L": {"loop_start": 4, "loop_end": 6, "loop_steps": "last:5", "feature_weight": 0.1},
     # second round, around the best of the first (D: a short loop on more steps)
-    "M": {"loop_start": 5, "loop_end": 5, "loop_steps": "all"},
+    "M": {"loop_start": 5, "loop_end": 5, "loop_steps": "all", "feedback_init": "copy:5"},
     "N": {"loop_start": 5, "loop_end": 6, "loop_steps": "last:8", "rollout": 1},
-    "O": {"loop_start": 5, "loop_end": 6, "loop_steps": "last:8", "unroll": 2},
+    "O": {"loop_start": 5, "loop_end": 6, "loop_steps": "last:8", "feedback_init": "copy:6", "unroll": 2},
     "P": {"loop_start": 5, "loop_end": 6, "loop_steps": "last:8", "scale_shape": "channel"},
     "Q": {"loop_start": 5, "loop_end": 6, "loop_steps": "last:8", "feedback_init": "copy:6"},
     "R": {"loop_start": 5, "loop_end": 6, "loop_steps": "last:8", "feature_weight": 0.1},
+    # third round: around Q (copy init, 2-block loop on the last 8 steps)
+    "S": {"loop_start": 5, "loop_end": 6, "loop_steps": "last:8", "feedback_init": "copy:6", "train_steps": 1200},
+    "T": {"loop_start": 4, "loop_end": 6, "loop_steps": "last:6", "feedback_init": "copy:6"},
+    "U": {"loop_start": 5, "loop_end": 6, "loop_steps": "last:8", "feedback_init": "copy:6", "lr": 3e-3},
+    "V": {"loop_start": 6, "loop_end": 7, "loop_steps": "last:8", "feedback_init": "copy:7"},
 }
 
 

@@ -17,6 +17,25 @@ logger = logging.getLogger(__name__)
 
 DISABLE_ENV = "ILF_DISABLE_EXT"
 
+# The ops this version of the Python package expects from the extension, with their argument
+# counts: a `_C` left over from an older build (an editable install not rebuilt after an update)
+# registers fewer or different ops and must not be used.
+EXPECTED_OPS = {"feedback_inject": 3, "ada_layernorm": 6, "gated_residual": 6}
+
+
+def _stale_ops() -> list[str]:
+    import torch
+
+    bad = []
+    for name, nargs in EXPECTED_OPS.items():
+        try:
+            got = len(getattr(torch.ops.ilf, name).default._schema.arguments)
+        except (AttributeError, RuntimeError):
+            got = None
+        if got != nargs:
+            bad.append(f"{name} ({'missing' if got is None else f'{got} arguments, expected {nargs}'})")
+    return bad
+
 _status: dict[str, Any] | None = None
 
 
@@ -44,7 +63,15 @@ def _load() -> dict[str, Any]:
         except Exception as e:  # noqa: BLE001
             status["reason"] = f"{type(e).__name__}: {e}"
         else:
-            status.update(loaded=True, path=getattr(mod, "__file__", None), cuda_ops=bool(mod.with_cuda))
+            stale = _stale_ops()
+            if stale:
+                status["reason"] = (
+                    f"{getattr(mod, '__file__', '_C')} is out of date ({', '.join(stale)}); rebuild it with "
+                    "pip install --no-build-isolation -e ."
+                )
+                logger.warning("ilf_runtime._C not used: %s", status["reason"])
+            else:
+                status.update(loaded=True, path=getattr(mod, "__file__", None), cuda_ops=bool(mod.with_cuda))
     if not status["loaded"]:
         logger.debug("ilf_runtime._C not used (%s); ops run their PyTorch references", status["reason"])
     _status = status

@@ -102,3 +102,14 @@ def test_loaded_extension_in_fresh_process():
     assert Path(st["path"]).name.startswith("_C.") and Path(st["path"]).parent.name == "ilf_runtime"
     assert out["op_registered"] and out["inject_diff"] < 1e-5 and out["ada_diff"] < 1e-5
     assert not out["cuda_initialized"]
+
+
+def test_an_out_of_date_extension_is_named(monkeypatch):
+    from ilf_runtime import _ext
+
+    monkeypatch.setitem(_ext.EXPECTED_OPS, "no_such_op", 1)
+    monkeypatch.setitem(_ext.EXPECTED_OPS, "feedback_inject", 99)
+    stale = _ext._stale_ops()
+    assert "no_such_op (missing)" in stale
+    if _ext.has_ext():
+        assert "feedback_inject (3 arguments, expected 99)" in stale
