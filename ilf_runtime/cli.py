@@ -161,6 +161,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from ilf_runtime.images import save_grid
     from ilf_runtime.pipelines import MODEL_NAMES, load_model, sample
 
+    _resolve_weights_and_steps(args)
     dtype = getattr(torch, DTYPES[args.dtype])
     if args.cuda_graph and torch.device(args.device).type != "cuda":
         raise UsageError(f"--cuda-graph needs a CUDA device, got --device {args.device}")

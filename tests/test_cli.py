@@ -251,3 +251,20 @@ def test_shipped_weights_names(tmp_path):
         assert resolve_weights(spec, "fashion-dit") == str(path)
     with pytest.raises(FileNotFoundError, match="weights 'shipped:nope'"):
         resolve_weights("shipped:nope", "fashion-dit")
+
+
+def test_steps_default_to_the_weights_own(pixel_dit_dir, tmp_path, capsys):
+    path, model = pixel_dit_dir
+    apply_ilf(model, ILFConfig(loop_start=1, loop_end=2, loop_steps="last:1"))
+    try:
+        weights = save_ilf_weights(
+            tmp_path / "fb.safetensors", model, sampler={"solver": "ddim", "num_steps": 3}
+        )
+    finally:
+        remove_ilf(model)
+    argv = ["sample", "--model", str(path), "--weights", str(weights), "--classes", "0", "--per-class", "1",
+            "--out", str(tmp_path / "g.png"), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert ", 3 steps," in capsys.readouterr().out
+    assert main([*argv, "--steps", "2"]) == 0
+    assert ", 2 steps," in capsys.readouterr().out
