@@ -49,6 +49,7 @@ def _row(name: str, out, ref_images, feats_fn, ref_sets, labels, subsets: int) -
 def main(argv: list[str] | None = None) -> int:
     import diffusers
 
+    from ilf_runtime.config import ILFConfig
     from ilf_runtime.evaluate import _reference_sets
     from ilf_runtime.metrics import extract, load_fashion_classifier
     from ilf_runtime.pipelines import load_model, sample, shipped_weights
@@ -79,7 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     ref = sample(m, num_steps=20, **common)
     rows = [_row("plain 20", ref, ref.images, feats, ref_sets, labels, args.subsets)]
-    for s in [int(x) for x in args.plain_steps.split(",")]:
+    plain_steps = {int(x) for x in args.plain_steps.split(",")}
+    for w in weights:  # every ILF row gets its equal-cost plain row, inside 8..16 or not
+        meta = read_metadata(w)
+        cfg = ILFConfig.from_dict(meta["ilf_config"])
+        steps = int(meta["sampler"]["num_steps"])
+        plain_steps.add(math.ceil(cfg.block_evals(layers, steps, meta["sampler"].get("loop_steps")) / layers))
+    for s in sorted(plain_steps):
         rows.append(
             _row(
                 f"plain {s}",

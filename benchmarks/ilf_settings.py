@@ -109,7 +109,12 @@ def render() -> str:
         "PSNR of each image against the teacher's 20-step image from the same noise; gain = mean of the "
         "per-image PSNR difference to the plain sampler at the step count of equal (or next higher) block "
         "evaluations, +- its standard error. Weights are the EMA. Plain 10 steps on this set: "
-        f"{plain['plain_same_steps_psnr']:.2f} dB.\n"
+        f"{plain['plain_same_steps_psnr']:.2f} dB.\n\n"
+        "Train time is wall time of the training loop, one thread per run, two runs at a time on the 2-core "
+        "CPU; A includes building the 2,048-trajectory teacher bank (reused by the later runs), and A-F "
+        "shared the CPU with other jobs, so their times are inflated. Not finished and not listed: the "
+        "on-policy variant of A (`--rollout 1`, about 4x slower per step; stopped after 61 steps) and "
+        "channel scales on A (stopped after 55 steps) to make room for the second round.\n"
         if plain
         else ""
     )

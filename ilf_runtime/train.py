@@ -209,7 +209,7 @@ _FASHION = {
 PRESETS: dict[str, dict[str, Any]] = {
     "fashion-dit": _FASHION | {"steps": 10, "loop_steps": "last:8", "train_steps": 4000, "val_every": 1000},
     "fashion-dit-aggressive": _FASHION
-    | {"steps": 5, "loop_steps": "all", "train_steps": 1500, "val_every": 500},
+    | {"steps": 5, "loop_steps": "all", "bank_size": 1024, "train_steps": 1200, "val_every": 400},
 }
 
 
