@@ -36,6 +36,7 @@ def _stale_ops() -> list[str]:
             bad.append(f"{name} ({'missing' if got is None else f'{got} arguments, expected {nargs}'})")
     return bad
 
+
 _status: dict[str, Any] | None = None
 
 

@@ -38,9 +38,7 @@ import hashlib
 import json
 import logging
 import math
-import os
 import signal
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,6 +59,7 @@ from ilf_runtime.distributed import (
 from ilf_runtime.ilf import apply_ilf
 from ilf_runtime.sampling import Conditioning, dit_conditioning, make_noise, pixart_conditioning, predict
 from ilf_runtime.solvers import SolverState, make_solver
+from ilf_runtime.weights import save_file_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -443,7 +442,7 @@ class Distiller:
     @torch.no_grad()
     def build_bank(self, bank_id: int) -> None:
         """Teacher trajectories from noise: the state at every student grid point (and the end)."""
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file
 
         cached = self._bank_file(bank_id)
         if cached is not None and cached.is_file():
@@ -453,11 +452,7 @@ class Distiller:
             return
         self._make_bank(bank_id)
         if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cached.parent, suffix=".tmp")
-            os.close(fd)
-            save_file({"x": self.bank["x"].cpu().contiguous(), "idx": self.bank["idx"]}, tmp)
-            os.replace(tmp, cached)
+            save_file_atomic({"x": self.bank["x"].cpu().contiguous(), "idx": self.bank["idx"]}, cached)
 
     def _make_bank(self, bank_id: int) -> None:
         a, n = self.a, self.a.bank_size
@@ -649,7 +644,6 @@ def save_checkpoint(
     path: Path, loop: nn.Module, ema: list[torch.Tensor], opt, a: TrainArgs, step: int, seconds: float
 ) -> None:
     """Feedback weights, EMA, optimiser state, RNG state, step and arguments; written atomically."""
-    from safetensors.torch import save_file
 
     names = [n for n, _ in loop.named_parameters()]
     tensors = {f"model.{n}": p.detach().cpu().contiguous() for n, p in loop.named_parameters()}
@@ -666,14 +660,7 @@ def save_checkpoint(
         "seconds": repr(seconds),
         "param_groups": json.dumps(sd["param_groups"]),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_file_atomic(tensors, path, meta)
 
 
 # Arguments that may change between an interrupted run and its resumption.

@@ -136,7 +136,6 @@ def save_ilf_weights(
     training: dict[str, Any] | None = None,
 ) -> Path:
     """Writes the loop attached to `model` (a transformer or pipeline) atomically to `path`."""
-    from safetensors.torch import save_file
 
     from ilf_runtime.ilf import get_ilf, unwrap_transformer
 
@@ -157,12 +156,22 @@ def save_ilf_weights(
         "training": json.dumps(training or {}, sort_keys=True),
         "content_sha256": _content_hash(tensors),
     }
+    return save_file_atomic(tensors, path, meta)
+
+
+def save_file_atomic(
+    tensors: dict[str, torch.Tensor], path: str | PathLike, metadata: dict[str, str] | None = None
+) -> Path:
+    """Writes a safetensors file through a temporary file and a rename: an interrupted write
+    leaves the previous file (or none), never a truncated one."""
+    from safetensors.torch import save_file
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=meta)
+        save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
