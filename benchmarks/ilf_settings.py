@@ -59,7 +59,13 @@ SETTINGS: dict[str, dict] = {
     "Q": {"loop_start": 5, "loop_end": 6, "loop_steps": "last:8", "feedback_init": "copy:6"},
     "R": {"loop_start": 5, "loop_end": 6, "loop_steps": "last:8", "feature_weight": 0.1},
     # third round: around Q (copy init, 2-block loop on the last 8 steps)
-    "S": {"loop_start": 5, "loop_end": 6, "loop_steps": "last:8", "feedback_init": "copy:6", "train_steps": 1200},
+    "S": {
+        "loop_start": 5,
+        "loop_end": 6,
+        "loop_steps": "last:8",
+        "feedback_init": "copy:6",
+        "train_steps": 1200,
+    },
     "T": {"loop_start": 4, "loop_end": 6, "loop_steps": "last:6", "feedback_init": "copy:6"},
     "U": {"loop_start": 5, "loop_end": 6, "loop_steps": "last:8", "feedback_init": "copy:6", "lr": 3e-3},
     "V": {"loop_start": 6, "loop_end": 7, "loop_steps": "last:8", "feedback_init": "copy:7"},

@@ -151,3 +151,16 @@ def test_pixart_round_trip(tmp_path):
     remove_ilf(model)
     loop2 = apply_ilf(tiny_pixart(), path)
     assert torch.equal(loop2.scales, torch.full((2,), 0.25))
+
+
+def test_written_file_has_the_usual_mode(tmp_path):
+    import os
+    import stat
+
+    from ilf_runtime.weights import save_file_atomic
+
+    path = save_file_atomic({"a": torch.zeros(2)}, tmp_path / "x.safetensors")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    assert not list(tmp_path.glob("*.tmp"))
