@@ -130,19 +130,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load_embeds(path: str) -> dict[str, Any]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        d = load_file(path)
-    except (SafetensorError, OSError) as e:
-        raise UsageError(f"--prompt-embeds {path}: cannot read ({e})") from None
-    if "prompt_embeds" not in d:
-        raise UsageError(f"--prompt-embeds {path}: no 'prompt_embeds' tensor (found {sorted(d)})")
-    return d
-
-
 def _resolve_weights_and_steps(args: argparse.Namespace) -> None:
     """``--weights shipped[:NAME]`` becomes the shipped file's path; without ``--steps`` the step
     count the weights were trained for is used (20 without weights)."""
@@ -184,7 +171,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if args.classes is not None:
             raise UsageError("this is a text-to-image PixArt model: use --prompt or --prompt-embeds")
         if args.prompt_embeds:
-            d = _load_embeds(args.prompt_embeds)
+            from ilf_runtime.pipelines import load_prompt_embeds
+
+            d = load_prompt_embeds(args.prompt_embeds)
             for k in (
                 "prompt_embeds",
                 "prompt_attention_mask",

@@ -256,6 +256,21 @@ class SampleOutput:
     info: dict[str, Any]
 
 
+def load_prompt_embeds(path: str | PathLike) -> dict[str, torch.Tensor]:
+    """A safetensors file of PixArt prompt embeddings: ``prompt_embeds`` (N, tokens, channels) and
+    optionally ``prompt_attention_mask`` and the ``negative_*`` pair."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        d = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"--prompt-embeds {path}: cannot read ({e})") from None
+    if "prompt_embeds" not in d:
+        raise ValueError(f"--prompt-embeds {path}: no 'prompt_embeds' tensor (found {sorted(d)})")
+    return d
+
+
 def _encode_prompts(model: Model, prompts: list[str], negative_prompt: str, guided: bool):
     pipe = model.pipeline
     if (

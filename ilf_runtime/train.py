@@ -245,16 +245,6 @@ def _output_coeff(solver, i: int) -> float:
     return float((one - zero).double())
 
 
-def _content_fingerprint(module: nn.Module) -> str:
-    """A hash of the backbone's weights (a bank depends on their values, not only their shapes)."""
-    h = hashlib.sha256()
-    for name, p in sorted(module.state_dict().items()):
-        if not name.startswith("ilf_loop."):
-            h.update(name.encode())
-            h.update(p.detach().float().sum().double().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def _alphas(scheduler, device) -> torch.Tensor:
     return scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)  # (T,)
 
@@ -279,13 +269,9 @@ class CondSource:
             raise ValueError(
                 "training a PixArt model needs --prompt-embeds FILE (safetensors with prompt_embeds)"
             )
-        from safetensors.torch import load_file
+        from ilf_runtime.pipelines import load_prompt_embeds
 
-        d = load_file(a.prompt_embeds)
-        if "prompt_embeds" not in d:
-            raise ValueError(
-                f"--prompt-embeds {a.prompt_embeds}: no 'prompt_embeds' tensor (found {sorted(d)})"
-            )
+        d = load_prompt_embeds(a.prompt_embeds)
         emb = d["prompt_embeds"]
         self.n = emb.shape[0]
         self.emb = emb
@@ -417,13 +403,14 @@ class Distiller:
         """Where a bank is cached: its name hashes everything it depends on."""
         if not self.a.bank_cache:
             return None
-        from ilf_runtime.weights import backbone_fingerprint
+        from ilf_runtime.weights import _content_hash, backbone_fingerprint
 
         a = self.a
+        backbone = {k: v for k, v in self.tf.state_dict().items() if not k.startswith("ilf_loop.")}
         key = json.dumps(
             [
                 backbone_fingerprint(self.tf),
-                _content_fingerprint(self.tf),
+                _content_hash(backbone),
                 self.T.describe(),
                 a.steps,
                 a.teacher_steps,
@@ -798,11 +785,14 @@ def main(a: TrainArgs, model: Any = None) -> dict[str, Any]:
             save_checkpoint(ckpt, loop, ema, opt, a, step, seconds)
         barrier(info)
 
-    def validate() -> dict[str, Any] | None:
-        live = [p.detach().clone() for p in params]
+    def load_ema() -> None:
         with torch.no_grad():
             for p, e in zip(params, ema):
                 p.copy_(e)
+
+    def validate(restore: bool = True) -> dict[str, Any] | None:
+        live = [p.detach().clone() for p in params] if restore else []
+        load_ema()
         try:
             r = val.run()
         finally:
@@ -882,10 +872,7 @@ def main(a: TrainArgs, model: Any = None) -> dict[str, Any]:
     if stopped:
         logger.warning("stopped at step %d (%s); continue with --resume", step, stopped)
         return result | {"stopped": stopped}
-    r = validate()
-    with torch.no_grad():
-        for p, e in zip(params, ema):
-            p.copy_(e)
+    r = validate(restore=False)  # the loop keeps the EMA weights: they are what gets written
     # every rank must hold the same weights (same init, averaged gradients): check, don't assume
     digest = _content_hash({n: p.detach().cpu() for n, p in loop.named_parameters()})
     digests = [digest]

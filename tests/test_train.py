@@ -110,10 +110,6 @@ def test_weights_file_loads_with_apply_ilf(dit_dir, tmp_path):
     assert len(val) == 2 and val[1].startswith("6,")
 
 
-def _weights(path: str) -> dict[str, torch.Tensor]:
-    return load_file(path)
-
-
 @pytest.mark.parametrize("how", ["max_minutes", "signal"])
 def test_interrupt_and_resume_matches_uninterrupted(dit_dir, tmp_path, monkeypatch, how):
     full = main(_args(dit_dir, tmp_path / "full", target="trajectory+fast", feature_weight=0.1))
@@ -136,7 +132,7 @@ def test_interrupt_and_resume_matches_uninterrupted(dit_dir, tmp_path, monkeypat
     assert not (tmp_path / "cut" / "feedback.safetensors").exists()
     resumed = main(replace(a, resume=True))
     assert resumed["finished"] and resumed["step"] == 6
-    wa, wb = _weights(full["weights"]), _weights(resumed["weights"])
+    wa, wb = load_file(full["weights"]), load_file(resumed["weights"])
     assert set(wa) == set(wb)
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
@@ -292,7 +288,7 @@ def test_bank_cache_is_reused_and_gives_the_same_run(dit_dir, tmp_path):
     stamp = files[0].stat().st_mtime_ns
     second = main(replace(a, out=str(tmp_path / "two")))
     assert files[0].stat().st_mtime_ns == stamp  # read, not rewritten
-    wa, wb = _weights(first["weights"]), _weights(second["weights"])
+    wa, wb = load_file(first["weights"]), load_file(second["weights"])
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     main(replace(a, out=str(tmp_path / "three"), bank_size=12))  # another bank, another file
     assert len(list(cache.glob("bank-*.safetensors"))) == 2
