@@ -263,7 +263,7 @@ def test_cli_train(dit_dir, tmp_path, capsys):
 def test_torchrun_two_ranks_end_with_identical_weights(dit_dir, tmp_path):
     out = tmp_path / "ddp"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
         "-m", "ilf_runtime", "train", "--model", dit_dir, "--out", str(out), "--loop-start", "1", "--loop-end", "2",
         "--steps", "2", "--teacher-steps", "4", "--states", "teacher", "--bank-size", "8", "--batch-size", "4",
         "--train-steps", "4", "--ckpt-every", "2", "--val-samples", "5", "--no-progress", "--device", "cpu",
