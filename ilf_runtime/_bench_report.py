@@ -8,10 +8,13 @@ import math
 import platform
 import subprocess
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ilf_runtime.weights import save_file_atomic
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 COST_TOLERANCE = 0.05  # "at ILF's cost": measured time within 5%
@@ -158,6 +161,27 @@ def _helps(tab: list[dict[str, Any]], i: int) -> str:
     return f" Combining helps: no, {_name(best)} is at least as fast with a PSNR of {best['psnr']:.2f} dB."
 
 
+def _dominated(tab: list[dict[str, Any]], res: list[dict[str, Any]], i: int) -> str:
+    """Competitors outside the 5% band that run faster than the ILF row and still reach a higher PSNR
+    (the band alone would not show them)."""
+    r = tab[i]
+    faster = [
+        j
+        for j, q in enumerate(tab)
+        if not q["method"].startswith("ilf") and q["ref"] != "self" and q["ref"] == r["ref"]
+        and q["time_per_image_s"] < (1 - COST_TOLERANCE) * r["time_per_image_s"] and q["psnr"] > r["psnr"]
+    ]  # fmt: skip
+    if not faster:
+        return " No faster competitor has a higher PSNR."
+    j = max(faster, key=lambda k: tab[k]["psnr"])
+    d = res[j]["per_image_psnr"] - res[i]["per_image_psnr"]
+    se = float(d.std(unbiased=True) / math.sqrt(d.numel()))
+    return (
+        f" Faster and higher PSNR: {_name(tab[j])} ({1000 * tab[j]['time_per_image_s']:.2f} ms/image, "
+        f"{tab[j]['psnr']:.2f} dB, {float(d.mean()):+.2f} ± {se:.2f} dB over ILF)."
+    )
+
+
 def summarize(result: dict[str, Any]) -> list[str]:
     """Per ILF row (and ILF + cache row): the best competitor at its cost and the margins."""
     tab, res = table(result), result["results"]
@@ -202,6 +226,7 @@ def summarize(result: dict[str, Any]) -> list[str]:
                     else f" FID: no competitor at this cost is better beyond the subset spread "
                     f"({r['fid']:.3f} ± {r['fid_subset_std']:.3f})."
                 )
+        line += _dominated(tab, res, i)
         if r["method"] != "ilf":
             line += _helps(tab, i)
         lines.append(line)
@@ -309,6 +334,42 @@ def pareto_plot(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def load_result(stem: str | Path) -> dict[str, Any]:
+    """The ``{"context", "rows", "results"}`` of a finished run, read back from STEM.json and
+    STEM_per_image.safetensors (as `write_all` wrote them)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from ilf_runtime._bench_run import Row
+
+    stem = Path(stem)
+    jpath, ppath = stem.with_suffix(".json"), stem.parent / f"{stem.name}_per_image.safetensors"
+    for q in (jpath, ppath):
+        if not q.is_file():
+            raise FileNotFoundError(f"{q}: not found; expected the output of a finished `ilf bench --out {stem}`")
+    d = json.loads(jpath.read_text())
+    if "row_specs" not in d or len(d["row_specs"]) != len(d.get("rows", [])):
+        raise ValueError(f"{jpath}: expected 'rows' and 'row_specs' of equal length (written by `ilf bench`)")
+    try:
+        per = load_file(str(ppath))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{ppath}: not a readable safetensors file ({e})") from None
+    rows, results = [], []
+    for i, (spec, tab_row) in enumerate(zip(d["row_specs"], d["rows"])):
+        key = f"row_{i:03d}"
+        if key not in per:
+            raise ValueError(f"{ppath}: expected tensor {key!r} for row {i}; the file does not match {jpath}")
+        spec["cache"] = tuple(spec["cache"]) if spec.get("cache") else None
+        rows.append(Row(**spec))
+        x = {k: v for k, v in tab_row.items() if k not in ("method", "setting", "solver", "steps", "loop_steps",
+                                                          "weights", "speedup")}
+        if x.get("ref") == "self":
+            x["ref"] = f"plain {spec['solver']} {d['context']['args']['ref_steps']}"
+        x["per_image_psnr"] = per[key]
+        results.append(x)
+    return {"context": d["context"], "rows": rows, "results": results}
+
+
 def write_all(result: dict[str, Any], stem: str | Path) -> list[Path]:
     """STEM.csv, STEM.json, STEM.md and STEM_pareto.png; adds the summary to `result`."""
     stem = Path(stem)
@@ -322,10 +383,20 @@ def write_all(result: dict[str, Any], stem: str | Path) -> list[Path]:
         w = csv.DictWriter(f, fieldnames=COLUMNS + list(CSV_CONTEXT))
         w.writeheader()
         w.writerows(r | ctx for r in tab)
+    specs = [asdict(r) for r in result["rows"]]
     paths[1].write_text(
         json.dumps(
-            {"context": result["context"], "rows": tab, "summary": result["summary"]}, indent=1, default=str
+            {"context": result["context"], "rows": tab, "row_specs": specs, "summary": result["summary"]},
+            indent=1,
+            default=str,
         )
+    )
+    # the per-image PSNR of every row, so that the report can be rebuilt (``--report-only``) with the
+    # paired standard errors, which need the values image by image
+    save_file_atomic(
+        {f"row_{i:03d}": x["per_image_psnr"].contiguous() for i, x in enumerate(result["results"])},
+        stem.parent / f"{stem.name}_per_image.safetensors",
+        metadata={"what": "per-image paired PSNR (dB) of each row against its reference, row order of STEM.json"},
     )
     md = [
         f"# ILF against fewer steps and caching: {c['model']}",

@@ -90,6 +90,8 @@ class BenchArgs:
         out: output path stem: STEM.csv, STEM.json, STEM.md, STEM_pareto.png, STEM_grid.png.
         grid_per_class: images per class in the side-by-side grid (0: no grid).
         grid_only: only the side-by-side grid and its timings (the main job), no table.
+        report_only: rebuild STEM.md, STEM.csv, STEM.json and STEM_pareto.png of a finished run from
+            STEM.json and STEM_per_image.safetensors, sampling nothing.
         progress: log each row as it finishes.
     """
 
@@ -116,6 +118,7 @@ class BenchArgs:
     out: str = "benchmarks/results/compare"
     grid_per_class: int = 4
     grid_only: bool = False
+    report_only: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -446,6 +449,14 @@ def main_from_args(args: argparse.Namespace) -> int:
     a = BenchArgs(**{f.name: getattr(args, f.name) for f in fields(BenchArgs)})
     if a.progress:
         logger.setLevel(logging.INFO)
+    if a.report_only:
+        result = report.load_result(a.out)
+        paths = report.write_all(result, a.out)
+        print(report.markdown_table(result))
+        for line in result["summary"]:
+            print(line)
+        print("wrote " + ", ".join(str(p) for p in paths))
+        return 0
     if a.grid_only:
         from ilf_runtime.pipelines import load_model
 

@@ -85,6 +85,37 @@ def test_harness_end_to_end_writes_every_file(tiny_setup, capsys):
     printed = capsys.readouterr().out
     assert "ILF 4 steps" in printed and "speed-up" in printed
 
+    # --report-only rebuilds the same report from the saved files, sampling nothing
+    (d / "cmp.md").unlink()
+    (d / "cmp_pareto.png").unlink()
+    assert main(["bench", "--report-only", "--out", str(out)]) == 0
+    assert (d / "cmp.md").read_text() == md and (d / "cmp_pareto.png").stat().st_size > 0
+    assert json.loads((d / "cmp.json").read_text())["summary"] == report["summary"]
+
+
+def _report_only_error(stem: Path, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--report-only", "--out", str(stem)])
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_report_only_names_missing_or_mismatched_files(tiny_setup, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    d, model_dir, _ = tiny_setup
+    stem = tmp_path / "cmp"
+    assert "cmp.json: not found" in _report_only_error(stem, capsys)
+    args = ["bench", *_common(model_dir), "--methods", "plain", "--grid-per-class", "0", "--out", str(stem)]
+    assert main(args) == 0
+    per = load_file(str(tmp_path / "cmp_per_image.safetensors"))
+    assert sorted(per) == ["row_000", "row_001", "row_002"] and per["row_001"].shape == (20,)
+    per.pop("row_002")
+    save_file(per, str(tmp_path / "cmp_per_image.safetensors"))
+    assert "expected tensor 'row_002'" in _report_only_error(stem, capsys)
+    (tmp_path / "cmp_per_image.safetensors").write_bytes(b"not safetensors")
+    assert "not a readable safetensors file" in _report_only_error(stem, capsys)
+
 
 def test_default_rows_cover_the_issue(tiny_setup):
     _, _, weights = tiny_setup
@@ -182,6 +213,7 @@ def test_summary_picks_best_competitor_at_equal_cost():
     assert "ILF ahead by more than 2 SE" in line
     assert "better beyond the subset spread for fora b ddim 10 steps" in line and "2.00x" in line
     assert "Combining helps" not in line
+    assert "No faster competitor has a higher PSNR" in line
     res["results"][2]["per_image_psnr"] = torch.tensor([31.0, 32.0, 33.5, 34.0], dtype=torch.float64)
     res["results"][3]["fid"] = 4.4
     (line,) = summarize(res)
@@ -191,7 +223,10 @@ def test_summary_picks_best_competitor_at_equal_cost():
     res["rows"][1].method = "ilf+fora"  # a combination is judged against the time-PSNR frontier
     assert "Combining helps: yes" in summarize(res)[0]
     res["results"][4]["time_per_image_s"] = 0.9
-    assert "Combining helps: no, plain c ddim 10 steps is at least as fast" in summarize(res)[0]
+    line = summarize(res)[0]
+    assert "Combining helps: no, plain c ddim 10 steps is at least as fast" in line
+    # a competitor more than 5% faster with a higher PSNR is named even though it is outside the band
+    assert "Faster and higher PSNR: plain c ddim 10 steps (900.00 ms/image, 40.00 dB, +7.50 ± 0.65 dB" in line
 
 
 def test_frontier():
