@@ -346,7 +346,9 @@ def load_result(stem: str | Path) -> dict[str, Any]:
     jpath, ppath = stem.with_suffix(".json"), stem.parent / f"{stem.name}_per_image.safetensors"
     for q in (jpath, ppath):
         if not q.is_file():
-            raise FileNotFoundError(f"{q}: not found; expected the output of a finished `ilf bench --out {stem}`")
+            raise FileNotFoundError(
+                f"{q}: not found; expected the output of a finished `ilf bench --out {stem}`"
+            )
     d = json.loads(jpath.read_text())
     if "row_specs" not in d or len(d["row_specs"]) != len(d.get("rows", [])):
         raise ValueError(f"{jpath}: expected 'rows' and 'row_specs' of equal length (written by `ilf bench`)")
@@ -361,8 +363,11 @@ def load_result(stem: str | Path) -> dict[str, Any]:
             raise ValueError(f"{ppath}: expected tensor {key!r} for row {i}; the file does not match {jpath}")
         spec["cache"] = tuple(spec["cache"]) if spec.get("cache") else None
         rows.append(Row(**spec))
-        x = {k: v for k, v in tab_row.items() if k not in ("method", "setting", "solver", "steps", "loop_steps",
-                                                          "weights", "speedup")}
+        x = {
+            k: v
+            for k, v in tab_row.items()
+            if k not in ("method", "setting", "solver", "steps", "loop_steps", "weights", "speedup")
+        }
         if x.get("ref") == "self":
             x["ref"] = f"plain {spec['solver']} {d['context']['args']['ref_steps']}"
         x["per_image_psnr"] = per[key]
@@ -396,7 +401,9 @@ def write_all(result: dict[str, Any], stem: str | Path) -> list[Path]:
     save_file_atomic(
         {f"row_{i:03d}": x["per_image_psnr"].contiguous() for i, x in enumerate(result["results"])},
         stem.parent / f"{stem.name}_per_image.safetensors",
-        metadata={"what": "per-image paired PSNR (dB) of each row against its reference, row order of STEM.json"},
+        metadata={
+            "what": "per-image paired PSNR (dB) of each row against its reference, row order of STEM.json"
+        },
     )
     md = [
         f"# ILF against fewer steps and caching: {c['model']}",

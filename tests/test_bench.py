@@ -103,7 +103,7 @@ def _report_only_error(stem: Path, capsys) -> str:
 def test_report_only_names_missing_or_mismatched_files(tiny_setup, tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
-    d, model_dir, _ = tiny_setup
+    _, model_dir, _ = tiny_setup
     stem = tmp_path / "cmp"
     assert "cmp.json: not found" in _report_only_error(stem, capsys)
     args = ["bench", *_common(model_dir), "--methods", "plain", "--grid-per-class", "0", "--out", str(stem)]
