@@ -146,13 +146,13 @@ def _name(r: dict[str, Any]) -> str:
 
 
 def _helps(tab: list[dict[str, Any]], i: int) -> str:
-    """For an ILF + cache row: is it on the time-PSNR frontier, i.e. does no other row run at most
-    as long with at least its PSNR?"""
+    """For an ILF + cache row: is it on the time-PSNR frontier, i.e. does no other row (against the
+    same reference images) run at most as long with at least its PSNR?"""
     r = tab[i]
     dom = [
         q
         for k, q in enumerate(tab)
-        if k != i and q["ref"] != "self"
+        if k != i and q["ref"] != "self" and q["ref"] == r["ref"]
         and q["time_per_image_s"] <= r["time_per_image_s"] and q["psnr"] >= r["psnr"]
     ]  # fmt: skip
     if not dom:
@@ -194,10 +194,15 @@ def summarize(result: dict[str, Any]) -> list[str]:
             f"{result['context']['args']['ref_steps']} steps"
         )
         comp = _competitors(tab, i)
+        # PSNR is only comparable between rows measured against the same reference images (the
+        # 20-step output of the same solver); FID is against the data, so every row competes on it
+        same = [j for j in comp if tab[j]["ref"] == r["ref"]]
         if not comp:
             line += f"; no competitor within {COST_TOLERANCE:.0%} of its time."
+        elif not same:
+            line += f"; no competitor against {r['ref']} within {COST_TOLERANCE:.0%} of its time."
         else:
-            j = max(comp, key=lambda k: tab[k]["psnr"])
+            j = max(same, key=lambda k: tab[k]["psnr"])
             c = tab[j]
             d = res[i]["per_image_psnr"] - res[j]["per_image_psnr"]  # paired by image
             margin, se = float(d.mean()), float(d.std(unbiased=True) / math.sqrt(d.numel()))
@@ -208,24 +213,24 @@ def summarize(result: dict[str, Any]) -> list[str]:
             else:
                 verdict = "within 2 SE: no clear winner"
             line += (
-                f"; best competitor at this cost (±{COST_TOLERANCE:.0%}): {_name(c)} "
+                f"; best competitor at this cost (±{COST_TOLERANCE:.0%}, PSNR against {r['ref']}): {_name(c)} "
                 f"({1000 * c['time_per_image_s']:.2f} ms/image): PSNR {r['psnr']:.2f} vs {c['psnr']:.2f} dB, "
                 f"margin {margin:+.2f} ± {se:.2f} dB (paired SE): {verdict}."
             )
-            if c["ref"] != r["ref"]:
-                line += f" (The competitor's PSNR is against {c['ref']}, ILF's against {r['ref']}.)"
-            if r.get("fid") is not None:
-                better = [
-                    q
-                    for q in (tab[k] for k in comp)
-                    if q["fid"] < r["fid"] - max(q["fid_subset_std"], r["fid_subset_std"])
-                ]
-                line += (
-                    " FID: better beyond the subset spread for " + ", ".join(_name(b) for b in better) + "."
-                    if better
-                    else f" FID: no competitor at this cost is better beyond the subset spread "
-                    f"({r['fid']:.3f} ± {r['fid_subset_std']:.3f})."
-                )
+        if comp and r.get("fid") is not None:
+            better = [
+                q
+                for q in (tab[k] for k in comp)
+                if q["fid"] < r["fid"] - max(q["fid_subset_std"], r["fid_subset_std"])
+            ]
+            line += (
+                " FID: better beyond the subset spread for "
+                + ", ".join(f"{_name(b)} ({b['fid']:.3f})" for b in better)
+                + f" than ILF's {r['fid']:.3f} ± {r['fid_subset_std']:.3f}."
+                if better
+                else f" FID: no competitor at this cost is better beyond the subset spread "
+                f"({r['fid']:.3f} ± {r['fid_subset_std']:.3f})."
+            )
         line += _dominated(tab, res, i)
         if r["method"] != "ilf":
             line += _helps(tab, i)
@@ -282,9 +287,10 @@ def pareto_plot(result: dict[str, Any], path: Path) -> Path:
     fams = sorted({r["method"] for r in tab})
     colors = {f: plt.get_cmap("tab20")(k % 20) for k, f in enumerate(fams)}
     fig, axes = plt.subplots(1, 2, figsize=(15, 7.5))
+    main_ref = f"plain {tab[0]['solver']} {result['context']['args']['ref_steps']}"
     panels = [
         ("fid", "FID (lower is better)", True),
-        ("psnr", "paired PSNR vs the reference (dB, higher is better)", False),
+        ("psnr", f"paired PSNR (dB, higher is better) vs {main_ref}\n(squares: vs their own solver)", False),
     ]
     for ax, (key, ylabel, lower) in zip(axes, panels):
         pts = [r for r in tab if r[key] is not None and not (key == "psnr" and r["ref"] == "self")]
@@ -311,7 +317,10 @@ def pareto_plot(result: dict[str, Any], path: Path) -> Path:
         for r in (q for q in pts if q["method"] == "ilf"):  # the equal-cost band around each ILF row
             t = 1000 * r["time_per_image_s"]
             ax.axvspan(t * (1 - COST_TOLERANCE), t * (1 + COST_TOLERANCE), color="grey", alpha=0.12, lw=0)
-        front = _frontier(xs, ys, lower)
+        # PSNR of another solver's rows is against that solver's own 20-step images: shown, but not
+        # part of the frontier, which is drawn over the rows that share the main reference
+        keep = [k for k, r in enumerate(pts) if key != "psnr" or r["ref"] == main_ref]
+        front = [keep[k] for k in _frontier([xs[k] for k in keep], [ys[k] for k in keep], lower)]
         ax.plot([xs[i] for i in front], [ys[i] for i in front], "k--", lw=1, zorder=2, label="frontier")
         ax.set_xlabel("measured time per image (ms)")
         ax.set_ylabel(ylabel)

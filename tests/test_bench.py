@@ -209,6 +209,16 @@ def test_summary_picks_best_competitor_at_equal_cost():
     ])  # fmt: skip
     (line,) = summarize(res)
     assert "best competitor at this cost" in line and "plain a ddim 10 steps" in line
+    # a row of another solver has its PSNR against other reference images: it competes on FID only
+    other = _fake([("plain", "x", 1.0, [60.0] * 4, 4.5, 0.3)])
+    other["rows"][0].solver, other["results"][0]["ref"] = "dpmpp_2m", "plain dpmpp_2m 20"
+    res2 = {**res, "rows": res["rows"] + other["rows"], "results": res["results"] + other["results"]}
+    assert summarize(res2)[0] == line
+    other["results"][0]["fid"] = 3.5
+    assert (
+        "FID: better beyond the subset spread for fora b ddim 10 steps (3.000), plain dpmpp_2m 10 steps (3.500)"
+        in (summarize(res2)[0])
+    )
     assert "margin +0.88 ± 0.12 dB" in line  # per-image differences 1, 1, 0.5, 1
     assert "ILF ahead by more than 2 SE" in line
     assert "better beyond the subset spread for fora b ddim 10 steps" in line and "2.00x" in line
