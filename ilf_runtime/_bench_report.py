@@ -161,6 +161,12 @@ def _helps(tab: list[dict[str, Any]], i: int) -> str:
     return f" Combining helps: no, {_name(best)} is at least as fast with a PSNR of {best['psnr']:.2f} dB."
 
 
+def _paired(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """Mean and standard error of the per-image differences a - b."""
+    d = a - b
+    return float(d.mean()), float(d.std(unbiased=True) / math.sqrt(d.numel()))
+
+
 def _dominated(tab: list[dict[str, Any]], res: list[dict[str, Any]], i: int) -> str:
     """Competitors outside the 5% band that run faster than the ILF row and still reach a higher PSNR
     (the band alone would not show them)."""
@@ -174,11 +180,10 @@ def _dominated(tab: list[dict[str, Any]], res: list[dict[str, Any]], i: int) -> 
     if not faster:
         return " No faster competitor has a higher PSNR."
     j = max(faster, key=lambda k: tab[k]["psnr"])
-    d = res[j]["per_image_psnr"] - res[i]["per_image_psnr"]
-    se = float(d.std(unbiased=True) / math.sqrt(d.numel()))
+    margin, se = _paired(res[j]["per_image_psnr"], res[i]["per_image_psnr"])
     return (
         f" Faster and higher PSNR: {_name(tab[j])} ({1000 * tab[j]['time_per_image_s']:.2f} ms/image, "
-        f"{tab[j]['psnr']:.2f} dB, {float(d.mean()):+.2f} ± {se:.2f} dB over ILF)."
+        f"{tab[j]['psnr']:.2f} dB, {margin:+.2f} ± {se:.2f} dB over ILF)."
     )
 
 
@@ -204,8 +209,7 @@ def summarize(result: dict[str, Any]) -> list[str]:
         else:
             j = max(same, key=lambda k: tab[k]["psnr"])
             c = tab[j]
-            d = res[i]["per_image_psnr"] - res[j]["per_image_psnr"]  # paired by image
-            margin, se = float(d.mean()), float(d.std(unbiased=True) / math.sqrt(d.numel()))
+            margin, se = _paired(res[i]["per_image_psnr"], res[j]["per_image_psnr"])
             if margin > 2 * se:
                 verdict = "ILF ahead by more than 2 SE"
             elif margin < -2 * se:

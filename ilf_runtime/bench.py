@@ -451,11 +451,7 @@ def main_from_args(args: argparse.Namespace) -> int:
         logger.setLevel(logging.INFO)
     if a.report_only:
         result = report.load_result(a.out)
-        paths = report.write_all(result, a.out)
-        print(report.markdown_table(result))
-        for line in result["summary"]:
-            print(line)
-        print("wrote " + ", ".join(str(p) for p in paths))
+        _print_report(result, report.write_all(result, a.out))
         return 0
     if a.grid_only:
         from ilf_runtime.pipelines import load_model
@@ -495,11 +491,17 @@ def main_from_args(args: argparse.Namespace) -> int:
         )
         report.print_side_by_side(r)
         paths.append(Path(r["out"]))
+    _print_report(result, paths)
+    return 0
+
+
+def _print_report(result: dict[str, Any], paths: Sequence[Path]) -> None:
+    from ilf_runtime import _bench_report as report
+
     print(report.markdown_table(result))
     for line in result["summary"]:
         print(line)
     print("wrote " + ", ".join(str(p) for p in paths))
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
