@@ -188,8 +188,8 @@ def default_rows(a: BenchArgs, weights: Sequence[str]) -> list[Row]:
         steps, solver, ls = int(s.get("num_steps", 10)), s.get("solver", solvers[0]), s.get("loop_steps")
         ilf_rows.append(Row("ilf", f"{Path(w).stem} loop {ls or 'default'}", solver, steps, w, ls))
     main_solver = ilf_rows[0].solver if ilf_rows else solvers[0]
-    if main_solver not in solvers:
-        solvers.insert(0, main_solver)
+    # the main solver's reference row comes first: the report's plot and tables take it as the main one
+    solvers = [main_solver] + [s for s in solvers if s != main_solver]
     steps = sorted({int(s) for s in a.plain_steps.split(",") if s} - {a.ref_steps}, reverse=True)
     rows = [Row("plain", "", s, a.ref_steps) for s in solvers]
     if "plain" in fams:

@@ -150,6 +150,19 @@ def test_default_rows_cover_the_issue(tiny_setup):
         default_rows(BenchArgs(methods="fora", sweep=["fora=x"]), [])
 
 
+def test_weights_of_another_solver_make_it_the_main_one(tmp_path):
+    model = tiny_dit(num_layers=LAYERS, in_channels=1, learned_sigma=False)
+    apply_ilf(model, ILFConfig(loop_start=1, loop_end=2, loop_steps="last:2"))
+    w = save_ilf_weights(
+        tmp_path / "fb.safetensors",
+        model,
+        sampler={"num_steps": 4, "solver": "dpmpp_2m", "loop_steps": "all"},
+    )
+    rows = default_rows(BenchArgs(solvers="ddim,dpmpp_2m", methods="plain,ilf,fora"), [str(w)])
+    assert [(r.solver, r.steps) for r in rows[:2]] == [("dpmpp_2m", 20), ("ddim", 20)]
+    assert {r.solver for r in rows if r.method in ("ilf", "fora")} == {"dpmpp_2m"}
+
+
 @pytest.mark.distributed
 @pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed gloo missing"
@@ -237,6 +250,14 @@ def test_summary_picks_best_competitor_at_equal_cost():
     assert "Combining helps: no, plain c ddim 10 steps is at least as fast" in line
     # a competitor more than 5% faster with a higher PSNR is named even though it is outside the band
     assert "Faster and higher PSNR: plain c ddim 10 steps (900.00 ms/image, 40.00 dB, +7.50 ± 0.65 dB" in line
+    # ... but not one whose PSNR is against another solver's reference, even faster and higher
+    other["results"][0]["time_per_image_s"], other["results"][0]["per_image_psnr"] = (
+        0.5,
+        torch.full((4,), 90.0),
+    )
+    other["results"][0]["psnr"] = 90.0
+    res3 = {**res, "rows": res["rows"] + other["rows"], "results": res["results"] + other["results"]}
+    assert summarize(res3)[0] == line
 
 
 def test_frontier():
