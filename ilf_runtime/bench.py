@@ -66,7 +66,8 @@ class BenchArgs:
 
     Args:
         model: built-in model name or local DiT / PixArt directory.
-        weights: ILF weights files, one row each (default: the shipped files that exist).
+        weights: ILF weights files, one row each, or ``shipped`` / ``shipped:NAME`` for a built-in
+            model's own (default: its shipped DDIM files that exist).
         methods: comma-separated families to run: plain, ilf, fora, delta-dit, inner-reuse,
             first-block-cache, taylorseer, magcache, ilf+cache (default: all).
         solvers: solvers of the plain rows; the first is the main one (cache rows), unless ILF
@@ -161,7 +162,9 @@ def _weights_files(a: BenchArgs) -> tuple[list[str], list[str]]:
     from ilf_runtime.pipelines import MODEL_NAMES
 
     if a.weights:
-        return list(a.weights), []
+        from ilf_runtime.pipelines import resolve_weights
+
+        return [resolve_weights(w, a.model) for w in a.weights], []
     where = MODEL_NAMES.get(a.model, (None,))[0]
     if not isinstance(where, Path):
         return [], []

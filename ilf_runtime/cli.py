@@ -16,6 +16,8 @@ from typing import Any
 
 __all__ = ["build_parser", "main"]
 
+logger = logging.getLogger(__name__)
+
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -64,7 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompt-embeds", help="safetensors file with prompt_embeds [, prompt_attention_mask, negative_*]"
     )
     s.add_argument("--steps", type=_positive, help="solver steps (default: the weights file's, else 20)")
-    s.add_argument("--solver", choices=["ddim", "dpmpp_2m"], help="default: the model's scheduler")
+    s.add_argument(
+        "--solver",
+        choices=["ddim", "dpmpp_2m"],
+        help="default: the weights file's, else the model's scheduler",
+    )
     s.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's)")
     s.add_argument("--seed", type=int, default=0, help="first noise seed; image i uses seed + i")
     s.add_argument(
@@ -92,7 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--weights", help="feedback weights file (.safetensors), or shipped[:NAME]")
     e.add_argument("--per-class", type=_positive, default=100, help="images per class (default 100)")
     e.add_argument("--steps", type=_positive, help="solver steps (default: the weights file's, else 20)")
-    e.add_argument("--solver", choices=["ddim", "dpmpp_2m"])
+    e.add_argument(
+        "--solver",
+        choices=["ddim", "dpmpp_2m"],
+        help="default: the weights file's, else the model's scheduler",
+    )
     e.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--loop-steps")
@@ -132,14 +142,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _resolve_weights_and_steps(args: argparse.Namespace) -> None:
     """``--weights shipped[:NAME]`` becomes the shipped file's path; without ``--steps`` the step
-    count the weights were trained for is used (20 without weights)."""
+    count the weights were trained for is used (20 without weights), and without ``--solver`` the
+    solver they were distilled for (the model's scheduler without weights)."""
     from ilf_runtime.pipelines import resolve_weights
     from ilf_runtime.weights import read_metadata
 
     args.weights = resolve_weights(args.weights, args.model)
+    sampler = read_metadata(args.weights).get("sampler") or {} if args.weights else {}
     if args.steps is None:
-        sampler = read_metadata(args.weights).get("sampler") or {} if args.weights else {}
         args.steps = int(sampler.get("num_steps", 20))
+    trained = sampler.get("solver")
+    if args.solver is None:
+        args.solver = trained
+    elif trained and args.solver != trained:
+        logger.warning(
+            "the feedback weights were distilled for the %s solver; sampling with %s", trained, args.solver
+        )
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

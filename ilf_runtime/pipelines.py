@@ -60,7 +60,11 @@ DEFAULT_GUIDANCE = {"dit": 4.0, "pixart": 4.5}  # the diffusers pipelines' own d
 # Feedback weights shipped with a built-in model: ``--weights shipped`` picks "default",
 # ``--weights shipped:NAME`` another entry. Files live beside the model's own files.
 SHIPPED_WEIGHTS = {
-    "fashion-dit": {"default": "feedback.safetensors", "aggressive": "feedback-aggressive.safetensors"},
+    "fashion-dit": {
+        "default": "feedback.safetensors",
+        "aggressive": "feedback-aggressive.safetensors",
+        "dpmpp": "feedback-dpmpp.safetensors",
+    },
 }
 
 

@@ -146,6 +146,11 @@ def test_default_rows_cover_the_issue(tiny_setup):
     assert files == [str(p) for p in shipped if p.is_file()]
     assert len(notes) == sum(not p.is_file() for p in shipped)
     assert _weights_files(BenchArgs(weights=[weights])) == ([weights], [])
+    # shipped[:NAME] names a built-in model's own files, as in `ilf sample --weights`
+    if shipped[1].is_file():
+        assert _weights_files(BenchArgs(weights=["shipped:aggressive"])) == ([str(shipped[1])], [])
+    with pytest.raises(FileNotFoundError, match="weights 'shipped:nope'"):
+        _weights_files(BenchArgs(weights=["shipped:nope"]))
     with pytest.raises(ValueError, match="fora setting"):
         default_rows(BenchArgs(methods="fora", sweep=["fora=x"]), [])
 

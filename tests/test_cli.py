@@ -268,3 +268,22 @@ def test_steps_default_to_the_weights_own(pixel_dit_dir, tmp_path, capsys):
     assert ", 3 steps," in capsys.readouterr().out
     assert main([*argv, "--steps", "2"]) == 0
     assert ", 2 steps," in capsys.readouterr().out
+
+
+def test_solver_defaults_to_the_weights_own(pixel_dit_dir, tmp_path, capsys, caplog):
+    path, model = pixel_dit_dir
+    apply_ilf(model, ILFConfig(loop_start=1, loop_end=2, loop_steps="last:1"))
+    try:
+        weights = save_ilf_weights(
+            tmp_path / "fb.safetensors", model, sampler={"solver": "dpmpp_2m", "num_steps": 3}
+        )
+    finally:
+        remove_ilf(model)
+    argv = ["sample", "--model", str(path), "--weights", str(weights), "--classes", "0", "--per-class", "1",
+            "--out", str(tmp_path / "g.png"), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert "(dit, dpmpp_2m, 3 steps," in capsys.readouterr().out
+    # an explicit other solver is used, with a warning naming the one the weights were made for
+    assert main([*argv, "--solver", "ddim"]) == 0
+    assert "(dit, ddim, 3 steps," in capsys.readouterr().out
+    assert "distilled for the dpmpp_2m solver; sampling with ddim" in caplog.text
