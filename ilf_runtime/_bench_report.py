@@ -187,6 +187,31 @@ def _dominated(tab: list[dict[str, Any]], res: list[dict[str, Any]], i: int) -> 
     )
 
 
+def _just_slower(tab: list[dict[str, Any]], res: list[dict[str, Any]], i: int) -> str:
+    """The best competitor (same reference) 5-10% slower than the ILF row, named when ILF is not ahead
+    of it by more than 2 SE: a band edge of 5% is close to what one timing run can resolve."""
+    r, t = tab[i], tab[i]["time_per_image_s"]
+    near = [
+        j
+        for j, q in enumerate(tab)
+        if not q["method"].startswith("ilf") and q["ref"] != "self" and q["ref"] == r["ref"]
+        and (1 + COST_TOLERANCE) * t < q["time_per_image_s"] <= (1 + 2 * COST_TOLERANCE) * t
+    ]  # fmt: skip
+    if not near:
+        return ""
+    j = max(near, key=lambda k: tab[k]["psnr"])
+    margin, se = _paired(res[i]["per_image_psnr"], res[j]["per_image_psnr"])
+    if margin > 2 * se:
+        return ""
+    q = tab[j]
+    verdict = "the competitor is ahead by more than 2 SE" if margin < -2 * se else "within 2 SE: level"
+    return (
+        f" Just past the band ({COST_TOLERANCE:.0%}-{2 * COST_TOLERANCE:.0%} slower): {_name(q)} "
+        f"({1000 * q['time_per_image_s']:.2f} ms/image, {q['time_per_image_s'] / t - 1:+.1%} time): "
+        f"PSNR {r['psnr']:.2f} vs {q['psnr']:.2f} dB, margin {margin:+.2f} ± {se:.2f} dB: {verdict}."
+    )
+
+
 def summarize(result: dict[str, Any]) -> list[str]:
     """Per ILF row (and ILF + cache row): the best competitor at its cost and the margins."""
     tab, res = table(result), result["results"]
@@ -235,7 +260,7 @@ def summarize(result: dict[str, Any]) -> list[str]:
                 else f" FID: no competitor at this cost is better beyond the subset spread "
                 f"({r['fid']:.3f} ± {r['fid_subset_std']:.3f})."
             )
-        line += _dominated(tab, res, i)
+        line += _dominated(tab, res, i) + _just_slower(tab, res, i)
         if r["method"] != "ilf":
             line += _helps(tab, i)
         lines.append(line)

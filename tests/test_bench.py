@@ -265,6 +265,32 @@ def test_summary_picks_best_competitor_at_equal_cost():
     assert summarize(res3)[0] == line
 
 
+def test_summary_names_a_level_competitor_just_past_the_band():
+    res = _fake([
+        ("plain", "ref", 2.0, [100.0] * 4, 4.0, 0.3),
+        ("ilf", "w", 1.0, [31.0, 32.0, 33.0, 34.0], 4.5, 0.3),
+        ("plain", "a", 1.02, [29.0, 30.0, 31.0, 32.0], 4.4, 0.3),  # in the band, 2 dB behind
+        ("taylorseer", "b", 1.07, [31.0, 32.5, 32.5, 34.0], 4.4, 0.3),  # 7% slower, level
+        ("plain", "c", 1.15, [40.0] * 4, 4.0, 0.3),  # 15% slower: past the named range
+    ])  # fmt: skip
+    (line,) = summarize(res)
+    assert "ILF ahead by more than 2 SE" in line
+    assert (
+        "Just past the band (5%-10% slower): taylorseer b ddim 10 steps (1070.00 ms/image, +7.0% time): "
+        "PSNR 32.50 vs 32.50 dB, margin +0.00 ± 0.20 dB: within 2 SE: level." in line
+    )
+    res["results"][3]["per_image_psnr"] = torch.tensor([35.0, 36.0, 36.5, 37.0], dtype=torch.float64)
+    res["results"][3]["psnr"] = 36.125
+    assert "the competitor is ahead by more than 2 SE." in summarize(res)[0]
+    # a competitor ILF beats by more than 2 SE, or one of another reference, is not named
+    res["results"][3]["per_image_psnr"] = torch.tensor([29.0, 30.0, 31.0, 32.5], dtype=torch.float64)
+    res["results"][3]["psnr"] = 30.625
+    assert "Just past the band" not in summarize(res)[0]
+    res["results"][3]["per_image_psnr"] = torch.tensor([35.0, 36.0, 36.5, 37.0], dtype=torch.float64)
+    res["results"][3]["ref"] = "plain dpmpp_2m 20"
+    assert "Just past the band" not in summarize(res)[0]
+
+
 def test_frontier():
     xs, ys = [1.0, 2.0, 3.0, 4.0, 2.5], [10.0, 8.0, 9.0, 5.0, 7.0]
     assert _frontier(xs, ys, lower_better=True) == [0, 1, 4, 3]
