@@ -76,8 +76,20 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def context(model: Any, a: Any, info: Any, n: int, time_batch: int, no_fid: str | None) -> dict[str, Any]:
-    """Everything a row's numbers depend on besides the row itself."""
+def provenance() -> dict[str, Any]:
+    """The code a run starts with: taken before sampling, so that a commit made while a long run is
+    going does not end up in its record."""
+    return {
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def context(
+    model: Any, a: Any, info: Any, n: int, time_batch: int, no_fid: str | None, started: dict[str, Any]
+) -> dict[str, Any]:
+    """Everything a row's numbers depend on besides the row itself (`started`: `provenance()`)."""
     from dataclasses import asdict
 
     import diffusers
@@ -105,8 +117,7 @@ def context(model: Any, a: Any, info: Any, n: int, time_batch: int, no_fid: str 
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "python": platform.python_version(),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        **started,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "args": asdict(a),
     }

@@ -292,6 +292,7 @@ def run_bench(a: BenchArgs) -> dict[str, Any] | None:
     from ilf_runtime.metrics import paired_psnr
     from ilf_runtime.pipelines import load_model
 
+    started = report.provenance()
     info = init_distributed(a.device)
     model = load_model(a.model, device=info.device, dtype=getattr(torch, report.DTYPES[a.dtype]))
     files, missing = _weights_files(a)
@@ -338,7 +339,7 @@ def run_bench(a: BenchArgs) -> dict[str, Any] | None:
     for res, t in zip(results, time_rows(runner, rows, tidx, a.repeats)):
         res |= t
     return {
-        "context": report.context(model, a, info, n, len(tidx), no_fid) | {"notes": missing},
+        "context": report.context(model, a, info, n, len(tidx), no_fid, started) | {"notes": missing},
         "rows": rows,
         "results": results,
     }

@@ -47,8 +47,21 @@ def _common(model_dir: str) -> list[str]:
     ]  # fmt: skip
 
 
-def test_harness_end_to_end_writes_every_file(tiny_setup, capsys):
+def test_harness_end_to_end_writes_every_file(tiny_setup, capsys, monkeypatch):
     d, model_dir, weights = tiny_setup
+    # the commit is recorded as it was when the run started, not when it ended
+    from ilf_runtime import _bench_report, bench
+
+    real_git, real_time_rows, timing = _bench_report._git, bench.time_rows, []
+
+    def time_rows(*args, **kw):
+        timing.append(True)
+        return real_time_rows(*args, **kw)
+
+    monkeypatch.setattr(bench, "time_rows", time_rows)
+    monkeypatch.setattr(
+        _bench_report, "_git", lambda *a: "a commit made during the run" if timing else real_git(*a)
+    )
     out = d / "cmp"
     args = ["bench", *_common(model_dir), "--weights", weights, "--methods", "plain,ilf,fora"]
     assert main([*args, "--sweep", "fora=2", "--grid-per-class", "1", "--out", str(out)]) == 0
@@ -80,6 +93,7 @@ def test_harness_end_to_end_writes_every_file(tiny_setup, capsys):
     ):
         assert ctx[key] is not None, key
     assert ctx["quality_images"] == 20 and report["summary"][0].startswith("ilf fb loop last:2 ddim 4 steps")
+    assert ctx["git_commit"] != "a commit made during the run" and ctx["started"] <= ctx["date"]
     md = (d / "cmp.md").read_text()
     assert "| fora | N=2 |" in md and "Equal-cost summary" in md
     printed = capsys.readouterr().out
