@@ -178,16 +178,23 @@ def _paired(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return float(d.mean()), float(d.std(unbiased=True) / math.sqrt(d.numel()))
 
 
+def _rivals(tab: list[dict[str, Any]], i: int, lo: float, hi: float) -> list[int]:
+    """Rows other than ILF's measured against the same reference images as row `i`, whose time is in
+    (lo, hi] times row `i`'s."""
+    r = tab[i]
+    return [
+        j
+        for j, q in enumerate(tab)
+        if not q["method"].startswith("ilf") and q["ref"] != "self" and q["ref"] == r["ref"]
+        and lo < q["time_per_image_s"] / r["time_per_image_s"] <= hi
+    ]  # fmt: skip
+
+
 def _dominated(tab: list[dict[str, Any]], res: list[dict[str, Any]], i: int) -> str:
     """Competitors outside the 5% band that run faster than the ILF row and still reach a higher PSNR
     (the band alone would not show them)."""
     r = tab[i]
-    faster = [
-        j
-        for j, q in enumerate(tab)
-        if not q["method"].startswith("ilf") and q["ref"] != "self" and q["ref"] == r["ref"]
-        and q["time_per_image_s"] < (1 - COST_TOLERANCE) * r["time_per_image_s"] and q["psnr"] > r["psnr"]
-    ]  # fmt: skip
+    faster = [j for j in _rivals(tab, i, 0.0, 1 - COST_TOLERANCE) if tab[j]["psnr"] > r["psnr"]]
     if not faster:
         return " No faster competitor has a higher PSNR."
     j = max(faster, key=lambda k: tab[k]["psnr"])
@@ -202,12 +209,7 @@ def _just_slower(tab: list[dict[str, Any]], res: list[dict[str, Any]], i: int) -
     """The best competitor (same reference) 5-10% slower than the ILF row, named when ILF is not ahead
     of it by more than 2 SE: a band edge of 5% is close to what one timing run can resolve."""
     r, t = tab[i], tab[i]["time_per_image_s"]
-    near = [
-        j
-        for j, q in enumerate(tab)
-        if not q["method"].startswith("ilf") and q["ref"] != "self" and q["ref"] == r["ref"]
-        and (1 + COST_TOLERANCE) * t < q["time_per_image_s"] <= (1 + 2 * COST_TOLERANCE) * t
-    ]  # fmt: skip
+    near = _rivals(tab, i, 1 + COST_TOLERANCE, 1 + 2 * COST_TOLERANCE)
     if not near:
         return ""
     j = max(near, key=lambda k: tab[k]["psnr"])

@@ -159,11 +159,9 @@ def _setting(family: str, spec: str) -> str:
 
 def _weights_files(a: BenchArgs) -> tuple[list[str], list[str]]:
     """(weights files to run, notes on shipped files that are absent)."""
-    from ilf_runtime.pipelines import MODEL_NAMES
+    from ilf_runtime.pipelines import MODEL_NAMES, resolve_weights
 
     if a.weights:
-        from ilf_runtime.pipelines import resolve_weights
-
         return [resolve_weights(w, a.model) for w in a.weights], []
     where = MODEL_NAMES.get(a.model, (None,))[0]
     if not isinstance(where, Path):

@@ -253,17 +253,22 @@ def test_shipped_weights_names(tmp_path):
         resolve_weights("shipped:nope", "fashion-dit")
 
 
-def test_steps_default_to_the_weights_own(pixel_dit_dir, tmp_path, capsys):
+def _sample_argv(pixel_dit_dir, tmp_path, solver: str) -> list[str]:
+    """`ilf sample` arguments for one image with 3-step weights recording `solver`."""
     path, model = pixel_dit_dir
     apply_ilf(model, ILFConfig(loop_start=1, loop_end=2, loop_steps="last:1"))
     try:
         weights = save_ilf_weights(
-            tmp_path / "fb.safetensors", model, sampler={"solver": "ddim", "num_steps": 3}
+            tmp_path / "fb.safetensors", model, sampler={"solver": solver, "num_steps": 3}
         )
     finally:
         remove_ilf(model)
-    argv = ["sample", "--model", str(path), "--weights", str(weights), "--classes", "0", "--per-class", "1",
+    return ["sample", "--model", str(path), "--weights", str(weights), "--classes", "0", "--per-class", "1",
             "--out", str(tmp_path / "g.png"), "--no-progress"]  # fmt: skip
+
+
+def test_steps_default_to_the_weights_own(pixel_dit_dir, tmp_path, capsys):
+    argv = _sample_argv(pixel_dit_dir, tmp_path, "ddim")
     assert main(argv) == 0
     assert ", 3 steps," in capsys.readouterr().out
     assert main([*argv, "--steps", "2"]) == 0
@@ -271,16 +276,7 @@ def test_steps_default_to_the_weights_own(pixel_dit_dir, tmp_path, capsys):
 
 
 def test_solver_defaults_to_the_weights_own(pixel_dit_dir, tmp_path, capsys, caplog):
-    path, model = pixel_dit_dir
-    apply_ilf(model, ILFConfig(loop_start=1, loop_end=2, loop_steps="last:1"))
-    try:
-        weights = save_ilf_weights(
-            tmp_path / "fb.safetensors", model, sampler={"solver": "dpmpp_2m", "num_steps": 3}
-        )
-    finally:
-        remove_ilf(model)
-    argv = ["sample", "--model", str(path), "--weights", str(weights), "--classes", "0", "--per-class", "1",
-            "--out", str(tmp_path / "g.png"), "--no-progress"]  # fmt: skip
+    argv = _sample_argv(pixel_dit_dir, tmp_path, "dpmpp_2m")
     assert main(argv) == 0
     assert "(dit, dpmpp_2m, 3 steps," in capsys.readouterr().out
     # an explicit other solver is used, with a warning naming the one the weights were made for
