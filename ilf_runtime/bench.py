@@ -36,7 +36,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["BenchArgs", "Row", "add_arguments", "default_rows", "main", "run_bench", "side_by_side"]
 
-SHIPPED_WEIGHTS = ("feedback.safetensors", "feedback-aggressive.safetensors")
+# the entries of `pipelines.SHIPPED_WEIGHTS` a run takes without --weights: the DDIM weights, so that
+# the documented table is reproduced (``--weights shipped:dpmpp`` adds the DPM-Solver++ ones)
+DEFAULT_SHIPPED = ("default", "aggressive")
 FAMILIES = (
     "plain",
     "ilf",
@@ -159,21 +161,20 @@ def _setting(family: str, spec: str) -> str:
 
 def _weights_files(a: BenchArgs) -> tuple[list[str], list[str]]:
     """(weights files to run, notes on shipped files that are absent)."""
-    from ilf_runtime.pipelines import MODEL_NAMES, resolve_weights
+    from ilf_runtime.pipelines import MODEL_NAMES, SHIPPED_WEIGHTS, resolve_weights
 
     if a.weights:
         return [resolve_weights(w, a.model) for w in a.weights], []
     where = MODEL_NAMES.get(a.model, (None,))[0]
     if not isinstance(where, Path):
         return [], []
-    missing = [
-        f"no ILF row for {where / f}: the file is absent"
-        for f in SHIPPED_WEIGHTS
-        if not (where / f).is_file()
+    paths = [
+        where / SHIPPED_WEIGHTS[a.model][k] for k in DEFAULT_SHIPPED if k in SHIPPED_WEIGHTS.get(a.model, {})
     ]
+    missing = [f"no ILF row for {p}: the file is absent" for p in paths if not p.is_file()]
     for note in missing:
         logger.warning("%s (pass --weights)", note)
-    return [str(where / f) for f in SHIPPED_WEIGHTS if (where / f).is_file()], missing
+    return [str(p) for p in paths if p.is_file()], missing
 
 
 def default_rows(a: BenchArgs, weights: Sequence[str]) -> list[Row]:

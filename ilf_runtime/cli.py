@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _resolve_weights_and_steps(args: argparse.Namespace) -> None:
+def _weights_defaults(args: argparse.Namespace) -> None:
     """``--weights shipped[:NAME]`` becomes the shipped file's path; without ``--steps`` the step
     count the weights were trained for is used (20 without weights), and without ``--solver`` the
     solver they were distilled for (the model's scheduler without weights)."""
@@ -166,7 +166,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from ilf_runtime.images import save_grid
     from ilf_runtime.pipelines import MODEL_NAMES, load_model, sample
 
-    _resolve_weights_and_steps(args)
+    _weights_defaults(args)
     dtype = getattr(torch, DTYPES[args.dtype])
     if args.cuda_graph and torch.device(args.device).type != "cuda":
         raise UsageError(f"--cuda-graph needs a CUDA device, got --device {args.device}")
@@ -270,7 +270,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ilf_runtime.evaluate import EvalArgs, evaluate, markdown_row, write_results
     from ilf_runtime.pipelines import load_model
 
-    _resolve_weights_and_steps(args)
+    _weights_defaults(args)
     a = EvalArgs(**{f.name: getattr(args, f.name) for f in fields(EvalArgs)})
     result = evaluate(load_model(args.model), a, progress=not args.no_progress)
     write_results([result], args.out)

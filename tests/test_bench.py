@@ -17,7 +17,7 @@ from conftest import tiny_dit
 
 from ilf_runtime import ILFConfig, apply_ilf, save_ilf_weights
 from ilf_runtime._bench_report import _frontier, summarize
-from ilf_runtime.bench import SHIPPED_WEIGHTS, BenchArgs, Row, _weights_files, default_rows
+from ilf_runtime.bench import DEFAULT_SHIPPED, BenchArgs, Row, _weights_files, default_rows
 from ilf_runtime.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,16 +153,15 @@ def test_default_rows_cover_the_issue(tiny_setup):
     with pytest.raises(ValueError, match="unknown methods"):
         BenchArgs(methods="plain,teacache")
     # the bundled model's shipped weights are used when present, and each absent one gets a note
-    from ilf_runtime.pipelines import ASSETS
+    from ilf_runtime.pipelines import ASSETS, SHIPPED_WEIGHTS
 
-    shipped = [ASSETS / "fashion-dit" / f for f in SHIPPED_WEIGHTS]
+    shipped = [ASSETS / "fashion-dit" / SHIPPED_WEIGHTS["fashion-dit"][k] for k in DEFAULT_SHIPPED]
     files, notes = _weights_files(BenchArgs())
     assert files == [str(p) for p in shipped if p.is_file()]
     assert len(notes) == sum(not p.is_file() for p in shipped)
     assert _weights_files(BenchArgs(weights=[weights])) == ([weights], [])
     # shipped[:NAME] names a built-in model's own files, as in `ilf sample --weights`
-    if shipped[1].is_file():
-        assert _weights_files(BenchArgs(weights=["shipped:aggressive"])) == ([str(shipped[1])], [])
+    assert _weights_files(BenchArgs(weights=["shipped:aggressive"])) == ([str(shipped[1])], [])
     with pytest.raises(FileNotFoundError, match="weights 'shipped:nope'"):
         _weights_files(BenchArgs(weights=["shipped:nope"]))
     with pytest.raises(ValueError, match="fora setting"):
