@@ -23,8 +23,8 @@ import torch
 from torch.utils import benchmark
 
 from ilf_runtime import ops
-from ilf_runtime._bench_report import cpu_name
-from ilf_runtime._ext import ext_status
+from ilf_runtime.bench.report import cpu_name
+from ilf_runtime.ext import ext_status
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

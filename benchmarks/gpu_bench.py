@@ -46,7 +46,6 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-GUIDANCE = {"dit": 4.0, "pixart": 4.5}  # the diffusers pipelines' defaults
 ILF_LOOP = {"loop_start": 8, "loop_end": 19, "loop_steps": "last:4"}  # 332 block evals at 10 steps
 ILF_LOOP_TINY = {"loop_start": 1, "loop_end": 2, "loop_steps": "last:2"}
 
@@ -212,17 +211,21 @@ def diffusers_loop(case: Case, model: nn.Module, steps: int) -> Callable[[], Any
             "use_resolution_binning": False,
         }
     pipe.set_progress_bar_config(disable=True)
+    from ilf_runtime.models import adapter_for
+
+    guidance = adapter_for(model).default_guidance  # the pipelines' own defaults
 
     def run() -> Any:
         with torch.no_grad():
-            return pipe(guidance_scale=GUIDANCE[case.kind], num_inference_steps=steps, **kw)
+            return pipe(guidance_scale=guidance, num_inference_steps=steps, **kw)
 
     return run
 
 
 def runtime_loop(case: Case, model: nn.Module, steps: int, mask: list[bool] | None, graph: bool):
     """(b)-(e): this runtime's denoise; returns a callable giving the latents."""
-    from ilf_runtime.sampling import denoise, dit_conditioning, make_noise, pixart_conditioning
+    from ilf_runtime.models import PROMPT_KEYS, adapter_for
+    from ilf_runtime.sampling import denoise, make_noise
     from ilf_runtime.solvers import make_solver
 
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
@@ -232,12 +235,14 @@ def runtime_loop(case: Case, model: nn.Module, steps: int, mask: list[bool] | No
         range(case.batch), (c["in_channels"], c["sample_size"], c["sample_size"]), device=device
     )
     noise = noise.to(dtype)
-    if case.kind == "dit":
-        cond = dit_conditioning(model, [i % 1000 for i in range(case.batch)])
+    adapter = adapter_for(model)
+    if adapter.class_conditional:
+        cond = adapter.conditioning(model, class_labels=torch.tensor([i % 1000 for i in range(case.batch)]))
     else:
         size = c["sample_size"] * 8
-        cond = pixart_conditioning(model, *prompts(case, device, dtype), height=size, width=size)
-    g = GUIDANCE[case.kind]
+        items = dict(zip(PROMPT_KEYS, prompts(case, device, dtype)))
+        cond = adapter.conditioning(model, height=size, width=size, **items)
+    g = adapter.default_guidance
     return lambda: denoise(model, noise, solver, cond, guidance_scale=g, loop_mask=mask, cuda_graph=graph)
 
 
@@ -340,7 +345,7 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
 
 
 def bench_kernels(device: torch.device, dtype: torch.dtype, tiny: bool, reps: int) -> dict[str, Any]:
-    from ilf_runtime._ext import ext_status
+    from ilf_runtime.ext import ext_status
 
     st = ext_status()
     if device.type != "cuda" or not st["cuda_ops"]:
@@ -368,7 +373,7 @@ def bench_kernels(device: torch.device, dtype: torch.dtype, tiny: bool, reps: in
 def context(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     import diffusers
 
-    from ilf_runtime._ext import ext_status
+    from ilf_runtime.ext import ext_status
 
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False

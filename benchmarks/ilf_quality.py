@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parent
 
 
 def _row(name: str, out, ref_images, feats_fn, ref_sets, labels, subsets: int) -> dict:
-    from ilf_runtime.metrics import class_accuracy, fid_with_spread, load_fashion_classifier, paired_psnr
+    from ilf_runtime.fashion.classifier import class_accuracy, load_fashion_classifier
+    from ilf_runtime.metrics import fid_with_spread, paired_psnr
 
     clf = load_fashion_classifier()
     pp = paired_psnr(out.images, ref_images)
@@ -50,9 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     import diffusers
 
     from ilf_runtime.config import ILFConfig
-    from ilf_runtime.evaluate import _reference_sets
-    from ilf_runtime.metrics import extract, load_fashion_classifier
-    from ilf_runtime.pipelines import load_model, sample, shipped_weights
+    from ilf_runtime.fashion.evaluate import reference_sets
+    from ilf_runtime.fashion.classifier import load_fashion_classifier
+    from ilf_runtime.metrics import extract
+    from ilf_runtime import load_model, sample, shipped_weights
     from ilf_runtime.weights import read_metadata
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(range(args.seed, args.seed + labels.numel()))
     common = {"class_labels": labels, "seeds": seeds, "batch_size": args.batch_size}
     clf = load_fashion_classifier()
-    ref_sets = _reference_sets(labels.numel(), args.subsets, args.seed)
+    ref_sets = reference_sets(labels.numel(), args.subsets, args.seed)
 
     def feats(images):
         return extract(clf.features, images)

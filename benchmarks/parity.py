@@ -12,12 +12,14 @@ import argparse
 import json
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 import diffusers
 import torch
 
-from ilf_runtime._parity import SCHEDULERS, dit_parity, pixart_parity
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.fixtures: the tiny models
+from tests.fixtures.parity import SCHEDULERS, dit_parity, pixart_parity  # noqa: E402
 
 
 def _commit() -> str:

@@ -1,19 +1,21 @@
 """ilf-runtime: fast sampling for diffusion transformers with Inner Loop Feedback.
 
-Public API (everything else is internal):
+Public API (the layers below are documented in docs/ARCHITECTURE.md):
 
 - `ILFConfig`, `apply_ilf`, `remove_ilf`, `get_ilf`: attach / detach the feedback loop.
 - `save_ilf_weights`, `load_ilf_weights`: feedback weights files (safetensors + metadata).
 - `sample`, `load_model`: sampling with this project's own denoising loop.
+- `shipped_weights`: the feedback weights files shipped with a built-in model, by name.
 - `ext_status`: what the compiled extension loaded, or why not.
 
 Importing this package never initialises CUDA and works without the compiled extension.
 """
 
-from ilf_runtime._ext import ext_status
 from ilf_runtime.config import ILFConfig
+from ilf_runtime.ext import ext_status
 from ilf_runtime.ilf import apply_ilf, get_ilf, remove_ilf
-from ilf_runtime.pipelines import load_model, sample
+from ilf_runtime.pipelines import sample
+from ilf_runtime.registry import load_model, shipped_weights
 from ilf_runtime.weights import load_ilf_weights, save_ilf_weights
 
 __version__ = "0.1.0"
@@ -29,4 +31,5 @@ __all__ = [
     "remove_ilf",
     "sample",
     "save_ilf_weights",
+    "shipped_weights",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import platform
 import subprocess
 import time
@@ -97,11 +98,11 @@ def context(
     dev = model.device
     return {
         "model": a.model,
-        "model_kind": model.kind,
+        "model_kind": model.adapter.name,
         "num_blocks": len(model.transformer.transformer_blocks),
         "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
-        "cpu_count": __import__("os").cpu_count(),
+        "cpu_count": os.cpu_count(),
         "dtype": a.dtype,
         "guidance": a.guidance if a.guidance is not None else model.guidance,
         "quality_images": n,

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ilf_runtime._bench_run import Row, Runner, cache_config, time_rows
+from ilf_runtime.models import ADAPTERS
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ def _setting(family: str, spec: str) -> str:
 
 def _weights_files(a: BenchArgs) -> tuple[list[str], list[str]]:
     """(weights files to run, notes on shipped files that are absent)."""
-    from ilf_runtime.pipelines import MODEL_NAMES, SHIPPED_WEIGHTS, resolve_weights
+    from ilf_runtime.registry import MODEL_NAMES, SHIPPED_WEIGHTS, resolve_weights
 
     if a.weights:
         return [resolve_weights(w, a.model) for w in a.weights], []
@@ -225,39 +226,23 @@ def default_rows(a: BenchArgs, weights: Sequence[str]) -> list[Row]:
 
 
 def conditioning(model: Any, a: BenchArgs, per: int) -> dict[str, torch.Tensor]:
-    """Per-image conditioning: DiT class labels with classes interleaved (every disjoint FID subset
-    holds every class), or PixArt prompt embeddings, `per` images per class or prompt."""
-    from ilf_runtime.pipelines import _encode_prompts
-
-    if model.kind == "dit":
-        k = model.transformer.config.num_embeds_ada_norm
-        return {"class_labels": torch.arange(k).repeat(per)}
-    if a.prompt_embeds:
-        from safetensors.torch import load_file
-
-        d = load_file(a.prompt_embeds)
-    elif a.prompt:
-        keys = (
-            "prompt_embeds",
-            "prompt_attention_mask",
-            "negative_prompt_embeds",
-            "negative_prompt_attention_mask",
-        )
-        guided = (a.guidance if a.guidance is not None else model.guidance) > 1
-        d = dict(zip(keys, _encode_prompts(model, list(a.prompt), "", guided)))
-    else:
-        raise ValueError("PixArt models need --prompt or --prompt-embeds")
-    return {k: v.cpu().repeat(per, *([1] * (v.ndim - 1))) for k, v in d.items() if v is not None}
+    """Per-image conditioning, `per` images per condition (class or prompt), conditions interleaved
+    so that every disjoint FID subset holds every class."""
+    guided = (a.guidance if a.guidance is not None else model.guidance) > 1
+    items = model.adapter.condition_set(model, prompts=a.prompt, prompt_embeds=a.prompt_embeds, guided=guided)
+    return {k: v.cpu().repeat(per, *([1] * (v.ndim - 1))) for k, v in items.items()}
 
 
 def _fashion_metrics_available(model: Any) -> str | None:
     """None when FID / class accuracy can be measured, else the reason why not."""
-    c = model.transformer.config
-    if model.kind != "dit" or c.num_embeds_ada_norm != 10 or c.in_channels != 1:
-        return "FID and class accuracy need a 10-class 1-channel pixel-space DiT (Fashion-MNIST classifier)"
+    from ilf_runtime.fashion import unsupported_reason
+
+    reason = unsupported_reason(model)
+    if reason:
+        return f"FID and class accuracy use the Fashion-MNIST classifier: {reason}"
     try:
-        from ilf_runtime.data import load_fashion_mnist
-        from ilf_runtime.metrics import load_fashion_classifier
+        from ilf_runtime.fashion.classifier import load_fashion_classifier
+        from ilf_runtime.fashion.data import load_fashion_mnist
 
         load_fashion_classifier()
         load_fashion_mnist("test")
@@ -267,13 +252,14 @@ def _fashion_metrics_available(model: Any) -> str | None:
 
 
 def _quality(images: torch.Tensor, labels: torch.Tensor | None, a: BenchArgs, fid_ok: bool) -> dict[str, Any]:
-    from ilf_runtime.evaluate import _reference_sets
-    from ilf_runtime.metrics import class_accuracy, extract, fid_with_spread, load_fashion_classifier
+    from ilf_runtime.fashion.classifier import class_accuracy, load_fashion_classifier
+    from ilf_runtime.fashion.evaluate import reference_sets
+    from ilf_runtime.metrics import extract, fid_with_spread
 
     if not fid_ok:
         return {}
     clf = load_fashion_classifier()
-    sets = _reference_sets(len(images), a.subsets, a.seed)
+    sets = reference_sets(len(images), a.subsets, a.seed)
     f = fid_with_spread(extract(clf.features, images), sets["ref"], a.subsets)
     return {
         "fid": f["fid"],
@@ -289,7 +275,7 @@ def run_bench(a: BenchArgs) -> dict[str, Any] | None:
     from ilf_runtime import _bench_report as report
     from ilf_runtime.distributed import all_gather_cat, barrier, init_distributed, shard
     from ilf_runtime.metrics import paired_psnr
-    from ilf_runtime.pipelines import load_model
+    from ilf_runtime.registry import load_model
 
     started = report.provenance()
     info = init_distributed(a.device)
@@ -367,19 +353,19 @@ def side_by_side(
     interleaved. Returns the panels' steps, seconds, block evaluations and speed-up over the first."""
     from ilf_runtime import _bench_report as report
     from ilf_runtime import caches
-    from ilf_runtime.pipelines import to_model
+    from ilf_runtime.registry import to_model
     from ilf_runtime.weights import load_ilf_weights
 
     m = to_model(model)
-    if m.kind != "dit":
-        raise ValueError("side_by_side takes a class-conditional DiT")
+    if not m.adapter.class_conditional:
+        raise ValueError(f"side_by_side takes a class-conditional model, not a {m.adapter.transformer_class}")
     w = load_ilf_weights(weights)
     s = w.sampler
     steps, solver, ls = int(s.get("num_steps", 10)), s.get("solver"), s.get("loop_steps")
     num_layers = len(m.transformer.transformer_blocks)
     if equal_steps is None:
         equal_steps = max(1, round(w.config.block_evals(num_layers, steps, ls) / num_layers))
-    k = m.transformer.config.num_embeds_ada_norm
+    k = m.adapter.num_classes(m.transformer)
     classes = list(range(min(k, 10))) if classes is None else list(classes)
     labels = torch.tensor([c for c in classes for _ in range(per_class)])
     runner = Runner(m, {"class_labels": labels}, list(range(seed, seed + len(labels))), m.guidance)
@@ -457,7 +443,7 @@ def main_from_args(args: argparse.Namespace) -> int:
         _print_report(result, report.write_all(result, a.out))
         return 0
     if a.grid_only:
-        from ilf_runtime.pipelines import load_model
+        from ilf_runtime.registry import load_model
 
         model = load_model(a.model, device=a.device, dtype=getattr(torch, report.DTYPES[a.dtype]))
         files, _ = _weights_files(a)
@@ -479,8 +465,8 @@ def main_from_args(args: argparse.Namespace) -> int:
         return 0
     paths = report.write_all(result, a.out)
     files = [r.weights for r in result["rows"] if r.method == "ilf"]
-    if a.grid_per_class and files and result["context"]["model_kind"] == "dit":
-        from ilf_runtime.pipelines import load_model
+    if a.grid_per_class and files and ADAPTERS[result["context"]["model_kind"]].class_conditional:
+        from ilf_runtime.registry import load_model
 
         model = load_model(a.model, device=a.device, dtype=getattr(torch, report.DTYPES[a.dtype]))
         r = side_by_side(

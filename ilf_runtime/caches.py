@@ -40,6 +40,8 @@ import torch
 from diffusers.hooks.hooks import CacheContext, HookRegistry, ModelHook, _set_cache_context
 from torch import nn
 
+from ilf_runtime.models import CACHE_ATTR, LOOP_ATTR, resolve
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -54,7 +56,6 @@ __all__ = [
     "remove_cache",
 ]
 
-ATTR = "_ilf_cache"
 TAYLORSEER_IDENTIFIERS = [r"^transformer_blocks\.\d+\.attn1$", r"^transformer_blocks\.\d+\.attn2$"]
 TAYLORSEER_IDENTIFIERS.append(r"^transformer_blocks\.\d+\.ff$")
 
@@ -211,11 +212,11 @@ class _OwnCache(Cache):
         super().before_step(i, t)
         self.skipping = self.plan[i]
         if i == 0:
-            self._loop = getattr(self.transformer, "ilf_loop", None)
+            self._loop = getattr(self.transformer, LOOP_ATTR, None)
 
     def in_ilf_loop(self) -> bool:
         """True inside the ILF loop's second pass: it is left to compute untouched."""
-        return self._loop is not None and self._loop._running
+        return self._loop is not None and self._loop.running
 
 
 class _KeepOutputHook(ModelHook):
@@ -413,7 +414,7 @@ class _DiffusersCache(Cache):
 
 
 def get_cache(transformer: nn.Module) -> Cache | None:
-    return transformer.__dict__.get(ATTR)
+    return transformer.__dict__.get(CACHE_ATTR)
 
 
 def apply_cache(
@@ -429,9 +430,7 @@ def apply_cache(
         compute_steps: steps on which nothing may be skipped (e.g. an ILF loop's step mask);
             this project's caches only.
     """
-    from ilf_runtime.ilf import model_kind
-
-    model_kind(transformer)
+    transformer, _ = resolve(transformer)
     if get_cache(transformer) is not None:
         raise RuntimeError("a cache is already applied to this transformer; call remove_cache first")
     method, _ = describe(config)
@@ -448,7 +447,7 @@ def apply_cache(
     except Exception:
         cache.remove()
         raise
-    transformer.__dict__[ATTR] = cache
+    transformer.__dict__[CACHE_ATTR] = cache
     logger.info("cache %s (%s) applied for %d steps", cache.method, cache.setting, num_steps)
     return cache
 
@@ -459,7 +458,7 @@ def remove_cache(transformer: nn.Module) -> Cache:
     if cache is None:
         raise RuntimeError("no cache is applied to this transformer")
     cache.remove()
-    del transformer.__dict__[ATTR]
+    del transformer.__dict__[CACHE_ATTR]
     return cache
 
 

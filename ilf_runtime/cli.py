@@ -144,7 +144,7 @@ def _weights_defaults(args: argparse.Namespace) -> None:
     """``--weights shipped[:NAME]`` becomes the shipped file's path; without ``--steps`` the step
     count the weights were trained for is used (20 without weights), and without ``--solver`` the
     solver they were distilled for (the model's scheduler without weights)."""
-    from ilf_runtime.pipelines import resolve_weights
+    from ilf_runtime.registry import resolve_weights
     from ilf_runtime.weights import read_metadata
 
     args.weights = resolve_weights(args.weights, args.model)
@@ -164,7 +164,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from ilf_runtime.images import save_grid
-    from ilf_runtime.pipelines import MODEL_NAMES, load_model, sample
+    from ilf_runtime.pipelines import sample
+    from ilf_runtime.registry import MODEL_NAMES, load_model
 
     _weights_defaults(args)
     dtype = getattr(torch, DTYPES[args.dtype])
@@ -175,10 +176,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
         print(f"model: {args.model}: {model.note}")
     kw: dict[str, Any] = {}
     n = args.per_class
-    if model.kind == "dit":
+    adapter = model.adapter
+    if adapter.class_conditional:
         if args.prompt or args.prompt_embeds:
-            raise UsageError("this is a class-conditional DiT model: use --classes, not --prompt")
-        num_classes = model.transformer.config.num_embeds_ada_norm
+            raise UsageError(f"this is a class-conditional {adapter.transformer_class}: use --classes, not --prompt")
+        num_classes = adapter.num_classes(model.transformer)
         classes = args.classes if args.classes is not None else list(range(min(num_classes, 10)))
         bad = [c for c in classes if not 0 <= c < num_classes]
         if bad:
@@ -187,9 +189,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         nrow_labels = classes
     else:
         if args.classes is not None:
-            raise UsageError("this is a text-to-image PixArt model: use --prompt or --prompt-embeds")
+            raise UsageError(f"this is a text-to-image {adapter.transformer_class}: use --prompt or --prompt-embeds")
         if args.prompt_embeds:
-            from ilf_runtime.pipelines import load_prompt_embeds
+            from ilf_runtime.models import load_prompt_embeds
 
             d = load_prompt_embeds(args.prompt_embeds)
             for k in (
@@ -205,7 +207,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             kw["prompts"] = [p for p in args.prompt for _ in range(n)]
             nrow_labels = args.prompt
         else:
-            raise UsageError("PixArt models need --prompt or --prompt-embeds")
+            raise UsageError(f"a {adapter.transformer_class} needs --prompt or --prompt-embeds")
     out = sample(
         model,
         num_steps=args.steps,
@@ -228,7 +230,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         else f"{args.weights} (looped steps {sum(info['loop_mask'])}/{args.steps})"
     )
     print(
-        f"wrote {path}: {count} images, {len(nrow_labels)} rows x {n} ({model.kind}, {info['solver']}, "
+        f"wrote {path}: {count} images, {len(nrow_labels)} rows x {n} ({adapter.name}, {info['solver']}, "
         f"{args.steps} steps, guidance {info['guidance_scale']}, ILF {ilf_desc})"
     )
     print(
@@ -267,8 +269,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ilf_runtime.evaluate import EvalArgs, evaluate, markdown_row, write_results
-    from ilf_runtime.pipelines import load_model
+    from ilf_runtime.fashion.evaluate import EvalArgs, evaluate, markdown_row, write_results
+    from ilf_runtime.registry import load_model
 
     _weights_defaults(args)
     a = EvalArgs(**{f.name: getattr(args, f.name) for f in fields(EvalArgs)})

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ilf_runtime import ops
+from ilf_runtime.models import ModelAdapter, resolve, unwrap_transformer
 
 logger = logging.getLogger(__name__)
 
@@ -46,18 +47,17 @@ __all__ = [
 ]
 
 HOOK = "ilf_fused_block"
-_NORMS = {"ada_norm_zero": "dit", "ada_norm_single": "pixart"}
 
 
-def unsupported_reason(block: nn.Module) -> str | None:
-    """Why `block` cannot take the fused forward, or None when it can."""
+def unsupported_reason(block: nn.Module, adapter: ModelAdapter) -> str | None:
+    """Why `block` (of a model served by `adapter`) cannot take the fused forward, or None when it can."""
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     if not isinstance(block, BasicTransformerBlock):
         return f"expected a BasicTransformerBlock, got {type(block).__name__}"
-    if block.norm_type not in _NORMS:
-        return f"norm_type {block.norm_type!r} (supported: {', '.join(_NORMS)})"
+    if block.norm_type != adapter.norm_type:
+        return f"norm_type {block.norm_type!r} (a {adapter.transformer_class} block has {adapter.norm_type!r})"
     if block.pos_embed is not None or block.only_cross_attention or block.double_self_attention:
         return "positional embeddings, only_cross_attention and double_self_attention are not covered"
     if hasattr(block, "fuser"):
@@ -84,9 +84,9 @@ def _hook_class() -> type:
     from diffusers.hooks import ModelHook
 
     class FusedBlockHook(ModelHook):
-        def __init__(self, kind: str) -> None:
+        def __init__(self, adapter: ModelAdapter) -> None:
             super().__init__()
-            self.kind = kind  # "dit" or "pixart"
+            self.adapter = adapter  # owns the block's adaLN modulation
             self.inject: tuple[torch.Tensor, torch.Tensor] | None = None  # set by run_block, one call
             self._qkv_key: tuple | None = None
             self._qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
@@ -161,17 +161,7 @@ def _fused_forward(
     inject: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> torch.Tensor:
     """`BasicTransformerBlock.forward` for ada_norm_zero / ada_norm_single, fused; h: (B, T, D)."""
-    b = h.shape[0]
-    if hook.kind == "dit":  # adaLN-Zero: the block embeds (timestep, class) itself
-        n1 = block.norm1
-        emb = n1.linear(n1.silu(n1.emb(timestep, class_labels, hidden_dtype=h.dtype)))  # (B, 6 * D)
-        mod = emb.chunk(6, dim=1)  # 6 x (B, D), row stride 6 * D
-        table: tuple[torch.Tensor | None, ...] = (None,) * 6
-        eps1, eps2 = n1.norm.eps, block.norm3.eps
-    else:  # adaLN-single: the transformer's t-embedding plus this block's table
-        mod = timestep.reshape(b, 6, -1).unbind(1)  # 6 x (B, D)
-        table = block.scale_shift_table.unbind(0)  # 6 x (D,)
-        eps1, eps2 = block.norm1.eps, block.norm2.eps
+    mod, table, eps1, eps2 = hook.adapter.modulation(block, h, timestep, class_labels)  # 6 x (B, D), 6 x (D,)
     # chunks: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
     n = ops.ada_layernorm(h, mod[0], mod[1], eps1, table[0], table[1])  # (B, T, D)
     a = _self_attention(hook, block.attn1, n, attention_mask)  # (B, T, D)
@@ -191,54 +181,48 @@ def _hook(block: nn.Module) -> Any:
 
 
 def _fusable_blocks(transformer: nn.Module) -> list[nn.Module]:
-    from ilf_runtime.ilf import get_ilf
+    """The backbone's blocks, then any other block under the transformer (an ILF feedback block)."""
+    from diffusers.models.attention import BasicTransformerBlock
 
     blocks = list(transformer.transformer_blocks)
-    loop = get_ilf(transformer)
-    return blocks + ([loop.feedback] if loop is not None else [])
+    seen = {id(b) for b in blocks}
+    return blocks + [m for m in transformer.modules() if isinstance(m, BasicTransformerBlock) and id(m) not in seen]
 
 
-def fuse_block(block: nn.Module) -> None:
+def fuse_block(block: nn.Module, adapter: ModelAdapter) -> None:
     """Registers the fused forward on one block; raises ValueError when the block is not covered."""
     from diffusers.hooks import HookRegistry
 
-    reason = unsupported_reason(block)
+    reason = unsupported_reason(block, adapter)
     if reason is not None:
         raise ValueError(f"cannot fuse this block: {reason}")
     if _hook(block) is None:
-        HookRegistry.check_if_exists_or_initialize(block).register_hook(
-            _hook_class()(_NORMS[block.norm_type]), HOOK
-        )
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(_hook_class()(adapter), HOOK)
 
 
 def apply_fused_blocks(model: Any) -> int:
-    """Runs every block of a DiT / PixArt transformer (and its ILF feedback block) fused.
+    """Runs every block of a supported transformer (and its ILF feedback block) fused.
 
     Args:
-        model: a `DiTTransformer2DModel`, `PixArtTransformer2DModel` or a pipeline holding one.
+        model: a supported transformer (`models.ADAPTERS`), a pipeline holding one, or a `registry.Model`.
 
     Returns:
         The number of blocks fused. An ILF loop applied later gets its feedback block fused too.
     """
-    from ilf_runtime.ilf import model_kind, unwrap_transformer
-
-    transformer = unwrap_transformer(model)
-    model_kind(transformer)
+    transformer, adapter = resolve(model)
     blocks = _fusable_blocks(transformer)
     for i, block in enumerate(blocks):
-        reason = unsupported_reason(block)
+        reason = unsupported_reason(block, adapter)
         if reason is not None:
             raise ValueError(f"cannot fuse block {i} of {type(transformer).__name__}: {reason}")
     for block in blocks:
-        fuse_block(block)
+        fuse_block(block, adapter)
     logger.info("fused %d blocks of %s", len(blocks), type(transformer).__name__)
     return len(blocks)
 
 
 def remove_fused_blocks(model: Any) -> int:
     """Removes the fused forward from every block; returns how many blocks had it."""
-    from ilf_runtime.ilf import unwrap_transformer
-
     n = 0
     for block in _fusable_blocks(unwrap_transformer(model)):
         if _hook(block) is not None:
@@ -254,8 +238,6 @@ def is_fused(block: nn.Module) -> bool:
 
 def has_fused_blocks(model: Any) -> bool:
     """Whether the transformer's blocks run the fused forward."""
-    from ilf_runtime.ilf import unwrap_transformer
-
     blocks = unwrap_transformer(model).transformer_blocks
     return len(blocks) > 0 and is_fused(blocks[0])
 
@@ -263,8 +245,6 @@ def has_fused_blocks(model: Any) -> bool:
 def cached_tensors(model: Any) -> list[torch.Tensor]:
     """The concatenated QKV weights the fused blocks hold (what a captured graph reads besides the
     parameters)."""
-    from ilf_runtime.ilf import unwrap_transformer
-
     hooks = [_hook(b) for b in _fusable_blocks(unwrap_transformer(model))]
     return [t for h in hooks if h is not None and h._qkv is not None for t in h._qkv if t is not None]
 

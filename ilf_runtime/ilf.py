@@ -27,70 +27,21 @@ from torch import nn
 
 from ilf_runtime import fused, ops
 from ilf_runtime.config import ILFConfig
+from ilf_runtime.models import LOOP_ATTR, ModelAdapter, resolve, unwrap_transformer
+from ilf_runtime.weights import ILFWeights, load_ilf_weights
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "SUPPORTED_MODELS",
-    "FeedbackLoop",
-    "apply_ilf",
-    "build_feedback_block",
-    "get_ilf",
-    "model_kind",
-    "remove_ilf",
-]
-
-ATTR = "ilf_loop"
-SUPPORTED_MODELS = ("DiTTransformer2DModel", "PixArtTransformer2DModel")
+__all__ = ["FeedbackLoop", "apply_ilf", "build_feedback_block", "get_ilf", "remove_ilf"]
 
 
-def unwrap_transformer(model: Any) -> nn.Module:
-    """A pipeline's transformer, or the model itself."""
-    inner = getattr(model, "transformer", None)
-    return inner if isinstance(inner, nn.Module) and not isinstance(model, nn.Module) else model
-
-
-def model_kind(transformer: nn.Module) -> str:
-    """``"dit"`` or ``"pixart"``; anything else raises a ValueError naming the supported models."""
-    from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
-
-    if isinstance(transformer, DiTTransformer2DModel):
-        return "dit"
-    if isinstance(transformer, PixArtTransformer2DModel):
-        return "pixart"
-    raise ValueError(
-        f"unsupported model: {type(transformer).__name__}; supported: {', '.join(SUPPORTED_MODELS)}"
-    )
-
-
-def _block_kwargs(transformer: nn.Module) -> dict[str, Any]:
-    """The arguments the backbone builds each of its `BasicTransformerBlock`s with."""
-    c = transformer.config
-    kw = {
-        "dim": transformer.inner_dim,
-        "num_attention_heads": c.num_attention_heads,
-        "attention_head_dim": c.attention_head_dim,
-        "dropout": c.dropout,
-        "activation_fn": c.activation_fn,
-        "num_embeds_ada_norm": c.num_embeds_ada_norm,
-        "attention_bias": c.attention_bias,
-        "upcast_attention": c.upcast_attention,
-        "norm_type": c.norm_type,
-        "norm_elementwise_affine": c.norm_elementwise_affine,
-        "norm_eps": c.norm_eps,
-    }
-    if model_kind(transformer) == "pixart":
-        kw.update(cross_attention_dim=c.cross_attention_dim, attention_type=c.attention_type)
-    return kw
-
-
-def build_feedback_block(transformer: nn.Module, config: ILFConfig) -> nn.Module:
+def build_feedback_block(transformer: nn.Module, adapter: ModelAdapter, config: ILFConfig) -> nn.Module:
     """A new block of the backbone's own class and arguments, initialised per `config`."""
     blocks = transformer.transformer_blocks
     cls = type(blocks[0])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.init_seed)
-        block = cls(**_block_kwargs(transformer))
+        block = cls(**adapter.block_kwargs(transformer))
     k = config.copy_block
     if k is not None:
         block.load_state_dict(blocks[k].state_dict())
@@ -124,15 +75,20 @@ class FeedbackLoop(nn.Module):
         ref = next(feedback.parameters())
         self.scales = nn.Parameter(torch.zeros(shape, device=ref.device, dtype=ref.dtype))
         self.active = True
-        self._kind: str | None = None
+        self._adapter: ModelAdapter | None = None
         self._owner: weakref.ref | None = None
         self._handles: list[Any] = []
         self._state = _StepState()
         self._running = False
 
     # -- wiring -----------------------------------------------------------------------------------
-    def _attach(self, transformer: nn.Module) -> None:
-        self._kind = model_kind(transformer)
+    @property
+    def running(self) -> bool:
+        """True while the loop's second pass runs (blocks called from inside it re-fire their hooks)."""
+        return self._running
+
+    def _attach(self, transformer: nn.Module, adapter: ModelAdapter) -> None:
+        self._adapter = adapter
         self._owner = weakref.ref(transformer)
         blocks = transformer.transformer_blocks
         a, b = self.config.loop_start, self.config.loop_end
@@ -199,20 +155,10 @@ class FeedbackLoop(nn.Module):
     # -- the loop ---------------------------------------------------------------------------------
     def _feedback_kwargs(self) -> dict[str, Any]:
         st = self._state
-        kw = st.block_kwargs
-        shift = self.config.feedback_t_shift
-        if shift == 0:
-            return kw
-        kw = dict(kw)
-        if self._kind == "dit":
-            kw["timestep"] = (kw["timestep"] - shift).clamp_min(0)
-        else:  # PixArt blocks take the adaLN-single embedding of the timestep, so re-embed
-            t = torch.as_tensor(st.timestep, device=st.h_a.device)
-            t = (t - shift).clamp_min(0).expand(st.h_a.shape[0])
-            kw["timestep"] = self.transformer.adaln_single(
-                t, st.added_cond_kwargs, batch_size=st.h_a.shape[0], hidden_dtype=st.h_a.dtype
-            )[0]
-        return kw
+        inputs = {"timestep": st.timestep, "added_cond_kwargs": st.added_cond_kwargs}
+        return self._adapter.feedback_kwargs(
+            self.transformer, st.block_kwargs, inputs, self.config.feedback_t_shift, st.h_a
+        )
 
     def run_loop(self, h: torch.Tensor) -> torch.Tensor:
         """Runs the loop `loop_iters` times from the last loop block's first-pass output `h`."""
@@ -235,7 +181,7 @@ class FeedbackLoop(nn.Module):
 
 def get_ilf(model: Any) -> FeedbackLoop | None:
     """The `FeedbackLoop` attached to a transformer (or a pipeline's transformer), or None."""
-    loop = getattr(unwrap_transformer(model), ATTR, None)
+    loop = getattr(unwrap_transformer(model), LOOP_ATTR, None)
     return loop if isinstance(loop, FeedbackLoop) else None
 
 
@@ -245,7 +191,7 @@ def apply_ilf(
     """Attaches an inner feedback loop to a DiT or PixArt transformer (or a pipeline's transformer).
 
     Args:
-        model: a `DiTTransformer2DModel`, `PixArtTransformer2DModel`, or a pipeline holding one.
+        model: a supported transformer (`models.ADAPTERS`), a pipeline holding one, or a `registry.Model`.
         config_or_weights: an `ILFConfig` (fresh feedback block, scales at zero) or the path of a
             feedback weights file written by `save_ilf_weights`.
         check_backbone: refuse weights whose backbone fingerprint differs from this backbone's.
@@ -253,11 +199,8 @@ def apply_ilf(
     Returns:
         The attached `FeedbackLoop`, also reachable as ``transformer.ilf_loop``.
     """
-    from ilf_runtime.weights import ILFWeights, load_ilf_weights
-
-    transformer = unwrap_transformer(model)
-    kind = model_kind(transformer)
-    if hasattr(transformer, ATTR):
+    transformer, adapter = resolve(model)
+    if hasattr(transformer, LOOP_ATTR):
         raise RuntimeError("ILF is already applied to this transformer; call remove_ilf first")
     weights = None
     if isinstance(config_or_weights, ILFConfig):
@@ -276,15 +219,15 @@ def apply_ilf(
         )
     config.check_backbone(len(transformer.transformer_blocks))
 
-    loop = FeedbackLoop(config, build_feedback_block(transformer, config), transformer.inner_dim)
+    loop = FeedbackLoop(config, build_feedback_block(transformer, adapter, config), transformer.inner_dim)
     if weights is not None:
         weights.load_into(loop)
     loop.train(transformer.training)
     if fused.has_fused_blocks(transformer):  # the feedback block runs like the backbone's blocks
-        fused.fuse_block(loop.feedback)
-    transformer.add_module(ATTR, loop)
-    loop._attach(transformer)
-    logger.info("ILF applied to %s (%s): %s", type(transformer).__name__, kind, loop.extra_repr())
+        fused.fuse_block(loop.feedback, adapter)
+    transformer.add_module(LOOP_ATTR, loop)
+    loop._attach(transformer, adapter)
+    logger.info("ILF applied to %s (%s): %s", type(transformer).__name__, adapter.name, loop.extra_repr())
     return loop
 
 
@@ -295,5 +238,5 @@ def remove_ilf(model: Any) -> FeedbackLoop:
     if loop is None:
         raise RuntimeError(f"no ILF loop is applied to this {type(transformer).__name__}")
     loop._detach()
-    delattr(transformer, ATTR)
+    delattr(transformer, LOOP_ATTR)
     return loop

@@ -1,100 +1,25 @@
-"""Quality metrics on generated samples: FID, class accuracy, paired fidelity.
+"""Quality metrics on generated samples, for any model: FID and paired fidelity.
 
 - FID is the Fréchet distance between Gaussians fitted to features of two image sets. The
   feature network is any callable from images in [0, 1], (N, C, H, W), to features (N, F). For
-  the bundled Fashion-MNIST model it is `FashionClassifier` (penultimate layer of a small CNN
-  trained on the train split, shipped in the package); for real DiT / PixArt models pass an
-  Inception network you hold locally (see `TorchFeatures`): nothing is downloaded.
-- Class accuracy: the share of samples the classifier assigns to the class they were made for.
+  the bundled Fashion-MNIST model it is `ilf_runtime.fashion.classifier.FashionClassifier`; for
+  real DiT / PixArt models pass an Inception network you hold locally (see `TorchFeatures`):
+  nothing is downloaded.
 - Paired fidelity: PSNR (and mean absolute error) of a fast sampler's images against reference
   images from the same initial noise and labels, per image, with the standard error of the mean.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = [
-    "FashionClassifier",
-    "Gaussian",
-    "TorchFeatures",
-    "class_accuracy",
-    "fid",
-    "fid_from_features",
-    "fid_with_spread",
-    "load_fashion_classifier",
-    "paired_psnr",
-]
-
-ASSETS = Path(__file__).parent / "assets"
-CLASSIFIER_DIR = ASSETS / "fashion-classifier"
-
-
-class FashionClassifier(nn.Module):
-    """A small CNN for 1-channel images; `features` is its 256-d penultimate activation.
-
-    Input: images in [0, 1], (N, 1, S, S); resized to `size` by area averaging when they differ.
-    """
-
-    def __init__(self, size: int = 16, width: int = 32, feat_dim: int = 256, num_classes: int = 10):
-        super().__init__()
-        self.size = size
-        self.body = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1),
-            nn.GELU(),
-            nn.Conv2d(width, width, 3, padding=1),
-            nn.GELU(),
-            nn.AvgPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1),
-            nn.GELU(),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1),
-            nn.GELU(),
-            nn.AvgPool2d(2),
-            nn.Flatten(),
-            nn.Linear(2 * width * (size // 4) ** 2, feat_dim),
-            nn.GELU(),
-        )
-        self.head = nn.Linear(feat_dim, num_classes)
-
-    def _prep(self, images: torch.Tensor) -> torch.Tensor:
-        if images.ndim != 4 or images.shape[1] != 1:
-            raise ValueError(f"expected (N, 1, H, W) images in [0, 1], got {tuple(images.shape)}")
-        x = images.float() * 2 - 1
-        if x.shape[-1] != self.size or x.shape[-2] != self.size:
-            x = F.interpolate(x, size=(self.size, self.size), mode="area")
-        return x
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.body(self._prep(images))  # (N, feat_dim)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images))  # (N, classes) logits
-
-
-def load_fashion_classifier(path: str | Path | None = None) -> FashionClassifier:
-    """The shipped classifier (or one saved by scripts/train_classifier.py at `path`)."""
-    from safetensors.torch import load_file
-
-    d = Path(path) if path is not None else CLASSIFIER_DIR
-    cfg_file, w_file = d / "config.json", d / "model.safetensors"
-    if not cfg_file.is_file() or not w_file.is_file():
-        raise FileNotFoundError(
-            f"classifier files missing in {d} (expected config.json and model.safetensors); "
-            "train one with scripts/train_classifier.py"
-        )
-    cfg = json.loads(cfg_file.read_text())
-    model = FashionClassifier(**cfg["arch"])
-    model.load_state_dict(load_file(str(w_file)))
-    return model.eval()
-
+__all__ = ["Gaussian", "TorchFeatures", "extract", "fid", "fid_from_features", "fid_with_spread", "paired_psnr"]
 
 class TorchFeatures:
     """Adapts a user-supplied feature network (for example an Inception-v3 built and loaded from
@@ -168,14 +93,6 @@ def fid_with_spread(feats: torch.Tensor, ref: torch.Tensor | Gaussian, subsets: 
         "subset_std": std,
         "subsets": parts,
     }
-
-
-@torch.no_grad()
-def class_accuracy(
-    classifier: FashionClassifier, images: torch.Tensor, labels: torch.Tensor, batch: int = 1000
-) -> float:
-    preds = torch.cat([classifier(images[i : i + batch]).argmax(1) for i in range(0, len(images), batch)])
-    return float((preds == labels.to(preds.device)).float().mean())
 
 
 def paired_psnr(images: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:

@@ -17,7 +17,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from ilf_runtime._ext import ext_status
+from ilf_runtime.ext import ext_status
 
 logger = logging.getLogger(__name__)
 

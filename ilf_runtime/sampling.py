@@ -1,14 +1,13 @@
 """The denoising loop this project owns.
 
-`denoise` runs a fixed number of solver steps over a DiT or PixArt transformer with classifier-
-free guidance and the ILF step schedule. Everything that varies per step is either a Python value
+`denoise` runs a fixed number of solver steps over a supported transformer with classifier-free
+guidance and the ILF step schedule. Everything that varies per step is either a Python value
 fixed before the loop (the step index, the loop on/off flag) or a device tensor precomputed by the
 solver (timesteps, coefficients); nothing inside the loop reads a tensor back to the host, so the
 whole loop can be captured as one CUDA graph.
 
-Guidance and the learned-sigma split follow diffusers' pipelines exactly: DiT stacks
-(conditional, null class) and guides only the first ``in_channels`` output channels; PixArt
-stacks (negative, positive) prompt embeddings and splits learned sigma after guidance.
+Guidance and the learned-sigma split follow diffusers' pipelines exactly; the model's adapter
+(`ilf_runtime.models`, carried by the `Conditioning`) says how.
 """
 
 from __future__ import annotations
@@ -21,97 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ilf_runtime.ilf import get_ilf, model_kind
+from ilf_runtime.ilf import get_ilf
+from ilf_runtime.models import Conditioning, ModelAdapter
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Conditioning", "denoise", "dit_conditioning", "make_noise", "pixart_conditioning", "predict"]
-
-
-@dataclass
-class Conditioning:
-    """Model inputs other than the latents and the timestep, for one batch.
-
-    For guidance the inputs are stacked in the order the diffusers pipelines use, once, before the
-    loop: ``model_kwargs`` holds the batch-doubled tensors, ``uncond_first`` says which half is the
-    unconditional one.
-    """
-
-    kind: str
-    model_kwargs: dict[str, Any]
-    model_kwargs_unguided: dict[str, Any]
-    uncond_first: bool
-
-    def kwargs(self, guided: bool) -> dict[str, Any]:
-        return self.model_kwargs if guided else self.model_kwargs_unguided
-
-
-def dit_conditioning(transformer: nn.Module, class_labels: torch.Tensor) -> Conditioning:
-    """DiT: class labels plus the null class (index ``num_embeds_ada_norm``) for guidance."""
-    num_classes = transformer.config.num_embeds_ada_norm
-    labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(f"class labels must lie in 0..{num_classes - 1}, got {labels.tolist()}")
-    device = next(transformer.parameters()).device
-    labels = labels.to(device)
-    null = torch.full_like(labels, num_classes)
-    return Conditioning(
-        kind="dit",
-        model_kwargs={"class_labels": torch.cat([labels, null])},
-        model_kwargs_unguided={"class_labels": labels},
-        uncond_first=False,
-    )
-
-
-def pixart_conditioning(
-    transformer: nn.Module,
-    prompt_embeds: torch.Tensor,
-    prompt_attention_mask: torch.Tensor,
-    negative_prompt_embeds: torch.Tensor | None,
-    negative_prompt_attention_mask: torch.Tensor | None,
-    *,
-    height: int,
-    width: int,
-) -> Conditioning:
-    """PixArt: prompt embeddings and masks, (negative, positive) for guidance, plus the resolution
-    and aspect-ratio conditions when the transformer uses them (PixArt-alpha 1024)."""
-    p = next(transformer.parameters())
-    c = transformer.config
-    if prompt_embeds.ndim != 3:
-        raise ValueError(f"prompt_embeds must be (batch, tokens, channels), got {tuple(prompt_embeds.shape)}")
-    want = c.caption_channels if c.caption_channels is not None else c.cross_attention_dim
-    if prompt_embeds.shape[-1] != want:
-        raise ValueError(
-            f"prompt_embeds have {prompt_embeds.shape[-1]} channels, this transformer expects {want}"
-        )
-    if prompt_attention_mask.shape != prompt_embeds.shape[:2]:
-        raise ValueError(
-            f"prompt_attention_mask must be {tuple(prompt_embeds.shape[:2])}, got {tuple(prompt_attention_mask.shape)}"
-        )
-    b = prompt_embeds.shape[0]
-    emb, mask = prompt_embeds.to(p.device, p.dtype), prompt_attention_mask.to(p.device)
-
-    def added(n: int) -> dict[str, Any]:
-        if not transformer.use_additional_conditions:
-            return {"resolution": None, "aspect_ratio": None}
-        res = torch.tensor([height, width], dtype=p.dtype, device=p.device).repeat(n, 1)
-        ar = torch.tensor([float(height / width)], dtype=p.dtype, device=p.device).repeat(n, 1)
-        return {"resolution": res, "aspect_ratio": ar}
-
-    unguided = {"encoder_hidden_states": emb, "encoder_attention_mask": mask, "added_cond_kwargs": added(b)}
-    guided = None
-    if negative_prompt_embeds is not None:
-        if negative_prompt_embeds.shape != prompt_embeds.shape or negative_prompt_attention_mask is None:
-            raise ValueError(
-                "negative_prompt_embeds must match prompt_embeds "
-                f"{tuple(prompt_embeds.shape)} and come with a mask, got {tuple(negative_prompt_embeds.shape)}"
-            )
-        guided = {
-            "encoder_hidden_states": torch.cat([negative_prompt_embeds.to(p.device, p.dtype), emb]),
-            "encoder_attention_mask": torch.cat([negative_prompt_attention_mask.to(p.device), mask]),
-            "added_cond_kwargs": added(2 * b),
-        }
-    return Conditioning(kind="pixart", model_kwargs=guided, model_kwargs_unguided=unguided, uncond_first=True)
+__all__ = ["denoise", "make_noise", "predict"]
 
 
 def make_noise(
@@ -122,12 +36,6 @@ def make_noise(
     return torch.stack(xs).to(device=device, dtype=dtype)  # (B, C, H, W)
 
 
-def _guide(eps: torch.Tensor, scale: float, uncond_first: bool) -> torch.Tensor:
-    first, second = eps.chunk(2)
-    cond, uncond = (second, first) if uncond_first else (first, second)
-    return uncond + scale * (cond - uncond)
-
-
 def predict(
     transformer: nn.Module, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance_scale: float = 1.0
 ) -> torch.Tensor:
@@ -135,7 +43,7 @@ def predict(
     channels at timestep `t` (a 0-dim or (B,) tensor). Differentiable; the trainer calls it too."""
     guided = guidance_scale > 1.0
     c_lat = transformer.config.in_channels
-    spec = _LoopSpec(cond.kind, guided, float(guidance_scale), cond.uncond_first, (), c_lat)
+    spec = _LoopSpec(cond.adapter, guided, float(guidance_scale), (), c_lat)
     return _model_eps(transformer, x, t, cond.kwargs(guided), spec)
 
 
@@ -144,12 +52,7 @@ def _model_eps(
 ) -> torch.Tensor:
     x_in = torch.cat([x, x]) if spec.guided else x  # (2B or B, C, H, W)
     out = transformer(x_in, timestep=t.expand(x_in.shape[0]), return_dict=False, **kwargs)[0]
-    if spec.kind == "dit":  # DiTPipeline guides the epsilon channels, then drops learned sigma
-        eps = out[:, : spec.c_lat]
-        return _guide(eps, spec.guidance_scale, spec.uncond_first) if spec.guided else eps
-    # PixArt pipelines guide all channels, then drop learned sigma
-    eps = _guide(out, spec.guidance_scale, spec.uncond_first) if spec.guided else out
-    return eps[:, : spec.c_lat]
+    return spec.adapter.guided_eps(out, spec.guided, spec.guidance_scale, spec.c_lat)
 
 
 @torch.no_grad()
@@ -168,10 +71,10 @@ def denoise(
     """Runs `solver` from `noise` to the final latents.
 
     Args:
-        transformer: a DiT or PixArt transformer, with or without an ILF loop applied.
+        transformer: a supported transformer (the one `cond` was built for), with or without an ILF loop.
         noise: (B, C, H, W) initial latents, in the transformer's dtype and device.
         solver: a `ilf_runtime.solvers.Solver` (timesteps and coefficients precomputed).
-        cond: model inputs from `dit_conditioning` / `pixart_conditioning`.
+        cond: model inputs from the model adapter's `conditioning` (`ilf_runtime.models`).
         guidance_scale: classifier-free guidance; applied when > 1, as the diffusers pipelines do.
         loop_mask: one flag per step, whether the ILF loop runs; None runs it on every step.
         on_step: called with the step index after each step (progress bars); must not sync. With
@@ -183,7 +86,8 @@ def denoise(
             hooks set their per-step state here; see `ilf_runtime.caches`); must not sync to stay
             graph-capturable.
     """
-    model_kind(transformer)
+    if not cond.adapter.matches(transformer):
+        raise ValueError(f"the conditioning was built for a {cond.adapter.transformer_class}, not a {type(transformer).__name__}")
     n = solver.num_steps
     c_lat = transformer.config.in_channels
     c_out = transformer.out_channels
@@ -195,7 +99,7 @@ def denoise(
     mask = [True] * n if loop_mask is None else [bool(m) for m in loop_mask]
     if len(mask) != n:
         raise ValueError(f"loop_mask has {len(mask)} entries for {n} steps")
-    spec = _LoopSpec(cond.kind, guided, float(guidance_scale), cond.uncond_first, tuple(mask), c_lat)
+    spec = _LoopSpec(cond.adapter, guided, float(guidance_scale), tuple(mask), c_lat)
 
     if not cuda_graph:
         return _run_steps(transformer, noise, solver, cond.kwargs(guided), spec, on_step, before_step)
@@ -224,10 +128,9 @@ def denoise(
 class _LoopSpec:
     """The Python values the step loop branches on (fixed per loop; part of a graph's key)."""
 
-    kind: str
+    adapter: ModelAdapter
     guided: bool
     guidance_scale: float
-    uncond_first: bool
     mask: tuple[bool, ...]
     c_lat: int
 
@@ -252,7 +155,7 @@ def _run_steps(
             if before_step is not None:
                 before_step(i, solver.timesteps[i])
             eps = _model_eps(transformer, x, solver.timesteps[i], kwargs, spec)
-            if spec.kind == "pixart" and n == 1:  # PixArt's one-step (DMD) path returns the x0 prediction
+            if n == 1 and spec.adapter.last_step_predicts_x0:  # e.g. PixArt's one-step (DMD) path
                 x = solver.predict_x0(i, x, eps)
             else:
                 x = solver.step(i, x, eps, state)

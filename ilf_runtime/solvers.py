@@ -114,10 +114,6 @@ class Solver:
         """Advance ``x`` from ``timesteps[i]`` to the next noise level; returns a tensor of ``x``'s dtype."""
         raise NotImplementedError
 
-    def target_model_output(self, i: int, x: Tensor, x_next: Tensor) -> Tensor:
-        """The model output for which ``step(i, x, ., state)`` returns ``x_next`` (for distillation)."""
-        raise NotImplementedError(f"target_model_output is not implemented for solver {self.name!r}")
-
     def describe(self) -> dict[str, Any]:
         """Strict-JSON description (name, steps, timesteps, schedule config) for weights-file metadata.
 
@@ -166,8 +162,6 @@ class DDIMSolver(Solver):
         "sqrt_beta",
         "sqrt_alpha_prev",
         "sqrt_beta_prev",
-        "_lin_a",
-        "_lin_b",
     )
     _config_keys = ("set_alpha_to_one", "clip_sample", "clip_sample_range")
 
@@ -191,18 +185,6 @@ class DDIMSolver(Solver):
         self.sqrt_alpha, self.sqrt_beta, self.sqrt_alpha_prev, self.sqrt_beta_prev = (
             torch.stack(c).to(dtype) for c in (sa, sb, sap, sbp)
         )  # (N,) each
-        # x_next = A x + B m is affine in the model output m when x0 is not clipped; solved in float64.
-        a, b, ap, bp = (
-            c.double() for c in (self.sqrt_alpha, self.sqrt_beta, self.sqrt_alpha_prev, self.sqrt_beta_prev)
-        )
-        if self.prediction_type == "epsilon":
-            lin_a, lin_b = ap / a, bp - ap * b / a
-        elif self.prediction_type == "sample":
-            lin_a, lin_b = bp / b, ap - bp * a / b
-        else:
-            lin_a, lin_b = ap * a + bp * b, bp * a - ap * b
-        self._degenerate = (lin_b.abs() < 1e-12).tolist()  # steps where the output ignores the model
-        self._lin_a, self._lin_b = lin_a.to(dtype), lin_b.to(dtype)
         self._finish()
 
     def _x0_eps(self, i: int, x: Tensor, model_output: Tensor) -> tuple[Tensor, Tensor]:
@@ -229,15 +211,6 @@ class DDIMSolver(Solver):
         self._check_index(i)
         x0, eps = self._x0_eps(i, x, model_output)
         return (self.sqrt_alpha_prev[i] * x0 + self.sqrt_beta_prev[i] * eps).to(x.dtype)
-
-    def target_model_output(self, i: int, x: Tensor, x_next: Tensor) -> Tensor:
-        """Solve ``x_next = A_i x + B_i m`` for the model output ``m`` (needs no clipping/thresholding)."""
-        self._check_index(i)
-        if self.config["thresholding"] or self.config["clip_sample"]:
-            raise ValueError("ddim: target_model_output needs clip_sample=False and thresholding=False")
-        if self._degenerate[i]:
-            raise ValueError(f"ddim: step {i} maps x to itself whatever the model output; no target exists")
-        return (x_next - self._lin_a[i] * x) / self._lin_b[i]
 
 
 class DPMSolverPP2M(Solver):

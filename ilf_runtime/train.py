@@ -57,7 +57,8 @@ from ilf_runtime.distributed import (
     shard,
 )
 from ilf_runtime.ilf import apply_ilf
-from ilf_runtime.sampling import Conditioning, dit_conditioning, make_noise, pixart_conditioning, predict
+from ilf_runtime.models import Conditioning
+from ilf_runtime.sampling import make_noise, predict
 from ilf_runtime.solvers import SolverState, make_solver
 from ilf_runtime.weights import save_file_atomic
 
@@ -256,61 +257,25 @@ def _noised(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, acp: torch.T
 
 # -- conditioning sources ------------------------------------------------------------------------
 class CondSource:
-    """Classes (DiT) or prompt embeddings (PixArt) to draw training and validation inputs from."""
+    """The model's distinct conditions (classes, or the prompt embeddings of ``--prompt-embeds``) to
+    draw training and validation inputs from, by index."""
 
     def __init__(self, model, a: TrainArgs):
-        self.kind = model.kind
-        self.transformer = model.transformer
-        self.image_size = model.image_size
-        if self.kind == "dit":
-            self.n = model.transformer.config.num_embeds_ada_norm
-            return
-        if not a.prompt_embeds:
+        self.model = model
+        if not model.adapter.class_conditional and not a.prompt_embeds:
             raise ValueError(
-                "training a PixArt model needs --prompt-embeds FILE (safetensors with prompt_embeds)"
+                f"training a {model.adapter.transformer_class} needs --prompt-embeds FILE "
+                "(safetensors with prompt_embeds)"
             )
-        from ilf_runtime.pipelines import load_prompt_embeds
-
-        d = load_prompt_embeds(a.prompt_embeds)
-        emb = d["prompt_embeds"]
-        self.n = emb.shape[0]
-        self.emb = emb
-        self.mask = d.get("prompt_attention_mask", torch.ones(emb.shape[:2], dtype=torch.long))
-        self.neg = d.get("negative_prompt_embeds")
-        self.neg_mask = d.get("negative_prompt_attention_mask")
-        if self.neg is not None and self.neg.shape[0] == 1:
-            self.neg = self.neg.expand_as(emb)
-            self.neg_mask = (
-                torch.ones(emb.shape[:2], dtype=torch.long)
-                if self.neg_mask is None
-                else self.neg_mask.expand(emb.shape[0], -1)
-            )
-
-    def cond(self, idx: torch.Tensor) -> Conditioning:
-        if self.kind == "dit":
-            return dit_conditioning(self.transformer, idx)
-        neg = None if self.neg is None else self.neg[idx]
-        neg_mask = None if self.neg_mask is None else self.neg_mask[idx]
-        return pixart_conditioning(
-            self.transformer,
-            self.emb[idx],
-            self.mask[idx],
-            neg,
-            neg_mask,
-            height=self.image_size,
-            width=self.image_size,
-        )
+        self.items = model.adapter.condition_set(model, prompt_embeds=a.prompt_embeds)
+        self.n = len(next(iter(self.items.values())))
 
     def sample_kwargs(self, idx: torch.Tensor) -> dict[str, Any]:
-        if self.kind == "dit":
-            return {"class_labels": idx}
-        kw = {"prompt_embeds": self.emb[idx], "prompt_attention_mask": self.mask[idx]}
-        if self.neg is not None:
-            kw |= {
-                "negative_prompt_embeds": self.neg[idx],
-                "negative_prompt_attention_mask": self.neg_mask[idx],
-            }
-        return kw
+        return {k: v[idx] for k, v in self.items.items()}
+
+    def cond(self, idx: torch.Tensor) -> Conditioning:
+        m = self.model
+        return m.adapter.conditioning(m.transformer, height=m.image_size, width=m.image_size, **self.sample_kwargs(idx))
 
 
 # -- the distiller --------------------------------------------------------------------------------
@@ -382,19 +347,13 @@ class Distiller:
 
     # -- states --
     def _load_data(self) -> torch.Tensor:
-        from ilf_runtime.data import load_fashion_mnist, to_model_range
+        from ilf_runtime.fashion import unsupported_reason
+        from ilf_runtime.fashion.data import load_fashion_mnist, to_model_range
 
         c = self.tf.config
-        if (
-            self.m.kind != "dit"
-            or c.in_channels != 1
-            or c.num_embeds_ada_norm != 10
-            or self.m.vae is not None
-        ):
-            raise ValueError(
-                "--states data uses Fashion-MNIST: it needs a 10-class, 1-channel pixel-space DiT; "
-                "use --states teacher for other models"
-            )
+        reason = unsupported_reason(self.m)
+        if reason:
+            raise ValueError(f"--states data uses Fashion-MNIST, but {reason}; use --states teacher")
         ds = load_fashion_mnist("train")
         self.labels = ds.labels
         return to_model_range(ds.images, c.sample_size)  # (60000, 1, S, S) in [-1, 1]
@@ -403,14 +362,14 @@ class Distiller:
         """Where a bank is cached: its name hashes everything it depends on."""
         if not self.a.bank_cache:
             return None
-        from ilf_runtime.weights import _content_hash, backbone_fingerprint
+        from ilf_runtime.weights import content_hash, backbone_fingerprint
 
         a = self.a
         backbone = {k: v for k, v in self.tf.state_dict().items() if not k.startswith("ilf_loop.")}
         key = json.dumps(
             [
                 backbone_fingerprint(self.tf),
-                _content_hash(backbone),
+                content_hash(backbone),
                 self.T.describe(),
                 a.steps,
                 a.teacher_steps,
@@ -749,8 +708,8 @@ def main(a: TrainArgs, model: Any = None) -> dict[str, Any]:
         model: an already loaded pipeline, transformer or `Model` to train on instead of ``a.model``
             (the loop is attached to it and stays attached, holding the trained EMA weights).
     """
-    from ilf_runtime.pipelines import load_model, to_model
-    from ilf_runtime.weights import _content_hash, save_ilf_weights
+    from ilf_runtime.registry import load_model, to_model
+    from ilf_runtime.weights import content_hash, save_ilf_weights
 
     info = init_distributed(a.device)
     model = load_model(a.model, device=info.device) if model is None else to_model(model).to(info.device)
@@ -874,7 +833,7 @@ def main(a: TrainArgs, model: Any = None) -> dict[str, Any]:
         return result | {"stopped": stopped}
     r = validate(restore=False)  # the loop keeps the EMA weights: they are what gets written
     # every rank must hold the same weights (same init, averaged gradients): check, don't assume
-    digest = _content_hash({n: p.detach().cpu() for n, p in loop.named_parameters()})
+    digest = content_hash({n: p.detach().cpu() for n, p in loop.named_parameters()})
     digests = [digest]
     if info.enabled:
         digests = [None] * info.world_size

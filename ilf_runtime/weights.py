@@ -28,8 +28,18 @@ import torch
 from torch import nn
 
 from ilf_runtime.config import ILFConfig
+from ilf_runtime.models import LOOP_ATTR, unwrap_transformer
 
-__all__ = ["ILFWeights", "WeightsError", "backbone_fingerprint", "load_ilf_weights", "save_ilf_weights"]
+__all__ = [
+    "ILFWeights",
+    "WeightsError",
+    "backbone_fingerprint",
+    "content_hash",
+    "load_ilf_weights",
+    "read_metadata",
+    "save_file_atomic",
+    "save_ilf_weights",
+]
 
 FORMAT = "ilf-feedback"
 FORMAT_VERSION = 1
@@ -45,9 +55,7 @@ def _backbone_config(transformer: nn.Module) -> dict[str, Any]:
 
 def backbone_fingerprint(transformer: nn.Module) -> str:
     """sha256 of the backbone class, config and parameter shapes (ILF's own parameters excluded)."""
-    from ilf_runtime.ilf import ATTR
-
-    shapes = [(n, list(p.shape)) for n, p in transformer.named_parameters() if not n.startswith(ATTR + ".")]
+    shapes = [(n, list(p.shape)) for n, p in transformer.named_parameters() if not n.startswith(LOOP_ATTR + ".")]
     blob = json.dumps(
         {"class": type(transformer).__name__, "config": _backbone_config(transformer), "params": shapes},
         sort_keys=True,
@@ -56,7 +64,8 @@ def backbone_fingerprint(transformer: nn.Module) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _content_hash(tensors: dict[str, torch.Tensor]) -> str:
+def content_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes (names sorted)."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
@@ -136,11 +145,8 @@ def save_ilf_weights(
     training: dict[str, Any] | None = None,
 ) -> Path:
     """Writes the loop attached to `model` (a transformer or pipeline) atomically to `path`."""
-
-    from ilf_runtime.ilf import get_ilf, unwrap_transformer
-
     transformer = unwrap_transformer(model)
-    loop = get_ilf(transformer)
+    loop = getattr(transformer, LOOP_ATTR, None)  # the `ilf.FeedbackLoop` apply_ilf registered
     if loop is None:
         raise RuntimeError("no ILF loop is applied to this model; nothing to save")
     tensors = {f"feedback.{k}": v.detach().contiguous().cpu() for k, v in loop.feedback.state_dict().items()}
@@ -154,7 +160,7 @@ def save_ilf_weights(
         "backbone_fingerprint": backbone_fingerprint(transformer),
         "sampler": json.dumps(sampler or {}, sort_keys=True),
         "training": json.dumps(training or {}, sort_keys=True),
-        "content_sha256": _content_hash(tensors),
+        "content_sha256": content_hash(tensors),
     }
     return save_file_atomic(tensors, path, meta)
 
@@ -224,7 +230,7 @@ def load_ilf_weights(path: str | PathLike) -> ILFWeights:
         raise WeightsError(
             f"feedback weights {path}: tensor data unreadable, truncated or corrupted ({e})"
         ) from None
-    got = _content_hash(tensors)
+    got = content_hash(tensors)
     if meta.get("content_sha256") != got:
         raise WeightsError(
             f"feedback weights {path}: content checksum mismatch (expected {str(meta.get('content_sha256'))[:12]}, "

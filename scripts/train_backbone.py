@@ -37,8 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ilf_runtime.data import load_fashion_mnist, to_model_range
-from ilf_runtime.pipelines import DEFAULT_SCHEDULER as SCHEDULER
+from ilf_runtime.fashion.data import load_fashion_mnist, to_model_range
+from ilf_runtime.registry import DEFAULT_SCHEDULER as SCHEDULER
 
 
 @dataclass

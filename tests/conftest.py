@@ -1,4 +1,4 @@
-"""Test fixtures: tiny models built and saved by the tests themselves (see ilf_runtime._tiny)."""
+"""Test fixtures: tiny models built and saved by the tests themselves (see tests/fixtures/tiny.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-from ilf_runtime._tiny import (  # noqa: F401
+from tests.fixtures.tiny import (  # noqa: F401
     CAPTION_CHANNELS,
     NUM_CLASSES,
     ddim_scheduler,

@@ -153,7 +153,7 @@ def test_default_rows_cover_the_issue(tiny_setup):
     with pytest.raises(ValueError, match="unknown methods"):
         BenchArgs(methods="plain,teacache")
     # the bundled model's shipped weights are used when present, and each absent one gets a note
-    from ilf_runtime.pipelines import ASSETS, SHIPPED_WEIGHTS
+    from ilf_runtime.registry import ASSETS, SHIPPED_WEIGHTS
 
     shipped = [ASSETS / "fashion-dit" / SHIPPED_WEIGHTS["fashion-dit"][k] for k in DEFAULT_SHIPPED]
     files, notes = _weights_files(BenchArgs())

@@ -163,8 +163,9 @@ def test_ilf_with_cache_skips_only_unlooped_steps():
 
 
 def test_before_step_sees_every_step_and_its_timestep():
-    from ilf_runtime._tiny import ddim_scheduler
-    from ilf_runtime.sampling import denoise, dit_conditioning
+    from tests.fixtures.tiny import ddim_scheduler
+    from ilf_runtime.sampling import denoise
+    from tests.fixtures.tiny import dit_cond
     from ilf_runtime.solvers import make_solver
 
     model = tiny_dit(num_layers=2)
@@ -174,7 +175,7 @@ def test_before_step_sees_every_step_and_its_timestep():
         model,
         torch.randn(2, 4, 8, 8),
         solver,
-        dit_conditioning(model, torch.tensor([1, 2])),
+        dit_cond(model, torch.tensor([1, 2])),
         before_step=lambda i, t: seen.append((i, t)),
     )
     assert [i for i, _ in seen] == list(range(5))

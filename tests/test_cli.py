@@ -239,7 +239,7 @@ def test_python_dash_m_and_builtin_model(tmp_path):
 
 
 def test_shipped_weights_names(tmp_path):
-    from ilf_runtime.pipelines import resolve_weights, shipped_weights
+    from ilf_runtime.registry import resolve_weights, shipped_weights
 
     assert resolve_weights(None, "fashion-dit") is None
     assert resolve_weights("x.safetensors", "fashion-dit") == "x.safetensors"

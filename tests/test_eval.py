@@ -9,13 +9,13 @@ import torch
 from conftest import tiny_dit
 
 from ilf_runtime.cli import main
-from ilf_runtime.evaluate import EvalArgs, evaluate
-from ilf_runtime.metrics import CLASSIFIER_DIR
-from ilf_runtime.pipelines import MODEL_NAMES, load_model
+from ilf_runtime.fashion.evaluate import EvalArgs, evaluate
+from ilf_runtime.fashion.classifier import CLASSIFIER_DIR
+from ilf_runtime.registry import MODEL_NAMES, load_model
 
 
 def _needs_data():
-    from ilf_runtime.data import load_fashion_mnist
+    from ilf_runtime.fashion.data import load_fashion_mnist
 
     if not (CLASSIFIER_DIR / "model.safetensors").is_file():
         pytest.skip("the shipped classifier is missing")
@@ -71,7 +71,7 @@ def test_eval_cli_writes_json_and_markdown(tmp_path, capsys):
 )
 def test_bundled_model_loads_offline_and_samples():
     m = load_model("fashion-dit")
-    assert m.kind == "dit" and len(m.transformer.transformer_blocks) >= 10 and m.vae is None
+    assert m.adapter.name == "dit" and len(m.transformer.transformer_blocks) >= 10 and m.vae is None
     assert m.transformer.config.num_embeds_ada_norm == 10
     from ilf_runtime import sample
 

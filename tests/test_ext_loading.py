@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ilf_runtime._ext import ext_status, has_ext
+from ilf_runtime.ext import ext_status, has_ext
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +21,7 @@ import json, sys
 import torch
 import ilf_runtime
 from ilf_runtime import ops
-from ilf_runtime._ext import ext_status, has_ext
+from ilf_runtime.ext import ext_status, has_ext
 
 g = torch.Generator().manual_seed(0)
 h, f = torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, 8, generator=g)
@@ -105,11 +105,11 @@ def test_loaded_extension_in_fresh_process():
 
 
 def test_an_out_of_date_extension_is_named(monkeypatch):
-    from ilf_runtime import _ext
+    from ilf_runtime import ext
 
-    monkeypatch.setitem(_ext.EXPECTED_OPS, "no_such_op", 1)
-    monkeypatch.setitem(_ext.EXPECTED_OPS, "feedback_inject", 99)
-    stale = _ext._stale_ops()
+    monkeypatch.setitem(ext.EXPECTED_OPS, "no_such_op", 1)
+    monkeypatch.setitem(ext.EXPECTED_OPS, "feedback_inject", 99)
+    stale = ext.stale_ops()
     assert "no_such_op (missing)" in stale
-    if _ext.has_ext():
+    if ext.has_ext():
         assert "feedback_inject (3 arguments, expected 99)" in stale

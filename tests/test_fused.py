@@ -7,7 +7,7 @@ import torch
 from conftest import ddim_scheduler, prompt_inputs, tiny_dit, tiny_pixart
 
 from ilf_runtime import ILFConfig, apply_ilf, ops, remove_ilf
-from ilf_runtime._ext import has_ext
+from ilf_runtime.ext import has_ext
 from ilf_runtime.fused import (
     apply_fused_blocks,
     has_fused_blocks,
@@ -16,7 +16,9 @@ from ilf_runtime.fused import (
     run_block,
     unsupported_reason,
 )
-from ilf_runtime.sampling import denoise, dit_conditioning, make_noise, pixart_conditioning
+from ilf_runtime.models import adapter_for
+from ilf_runtime.sampling import denoise, make_noise
+from tests.fixtures.tiny import dit_cond, pixart_cond
 from ilf_runtime.solvers import make_solver
 
 # fp32: the fused path reorders a few roundings (one QKV matmul, fma epilogues), nothing more
@@ -179,10 +181,10 @@ def test_denoise_fused_matches(model):
     solver = make_solver(ddim_scheduler(timestep_spacing="trailing"), 3)
     noise = make_noise([0, 1], (4, 8, 8))
     if model.config.norm_type == "ada_norm_zero":
-        cond = dit_conditioning(model, torch.tensor([2, 3]))
+        cond = dit_cond(model, torch.tensor([2, 3]))
     else:
         emb, mask, neg, nmask = prompt_inputs(2)
-        cond = pixart_conditioning(model, emb, mask, neg, nmask, height=8, width=8)
+        cond = pixart_cond(model, emb, mask, neg, nmask, height=8, width=8)
     _ilf(model)
     want = denoise(model, noise, solver, cond, guidance_scale=3.0, loop_mask=[False, True, True])
     apply_fused_blocks(model)
@@ -194,7 +196,7 @@ def test_unsupported_blocks_named(model):
     from diffusers.models.attention_processor import AttnProcessor
 
     model.transformer_blocks[2].attn1.set_processor(AttnProcessor())
-    assert "AttnProcessor" in unsupported_reason(model.transformer_blocks[2])
+    assert "AttnProcessor" in unsupported_reason(model.transformer_blocks[2], adapter_for(model))
     with pytest.raises(ValueError, match=r"cannot fuse block 2 of \w+: attn1 uses AttnProcessor"):
         apply_fused_blocks(model)
     assert not has_fused_blocks(model)  # nothing half-applied

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ilf_runtime._ext import has_ext
+from ilf_runtime.ext import has_ext
 
 ROOT = Path(__file__).resolve().parents[1]
 

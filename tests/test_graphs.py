@@ -12,10 +12,9 @@ from ilf_runtime.sampling import (
     _LoopSpec,
     _run_steps,
     denoise,
-    dit_conditioning,
     make_noise,
-    pixart_conditioning,
 )
+from tests.fixtures.tiny import dit_cond, pixart_cond
 from ilf_runtime.solvers import make_solver
 
 
@@ -29,16 +28,16 @@ def _setup(kind: str, device="cpu", dtype=torch.float32, batch=2, ilf=True, fuse
         apply_fused_blocks(model)
     model.to(device=device, dtype=dtype)
     if kind == "dit":
-        cond = dit_conditioning(model, torch.arange(batch) % 10)
+        cond = dit_cond(model, torch.arange(batch) % 10)
     else:
         emb, mask, neg, nmask = prompt_inputs(batch)
-        cond = pixart_conditioning(model, emb, mask, neg, nmask, height=8, width=8)
+        cond = pixart_cond(model, emb, mask, neg, nmask, height=8, width=8)
     return model, cond
 
 
 def _static_run(model, noise, solver, cond, guidance=3.0, mask=(False, True, True)):
     """What denoise(cuda_graph=True) does, without the capture: the static-buffer runner."""
-    spec = _LoopSpec(cond.kind, True, guidance, cond.uncond_first, tuple(mask), model.config.in_channels)
+    spec = _LoopSpec(cond.adapter, True, guidance, tuple(mask), model.config.in_channels)
 
     def fn(x, kwargs):
         return _run_steps(model, x, solver, kwargs, spec)
@@ -88,7 +87,7 @@ def test_cache_reuses_and_rebuilds_only_on_new_key():
     assert cache.builds == 1
     # new noise values, labels and solver object with the same schedule: same key, inputs copied in
     noise2 = make_noise([7, 8], (4, 8, 8))
-    cond2 = dit_conditioning(model, torch.tensor([5, 6]))
+    cond2 = dit_cond(model, torch.tensor([5, 6]))
     got = _static_run(model, noise2, make_solver(sched, 3), cond2)
     assert cache.builds == 1
     want = denoise(
@@ -103,7 +102,7 @@ def test_cache_reuses_and_rebuilds_only_on_new_key():
     _static_run(model, noise, make_solver(sched, 4), cond, mask=(False,) * 4)  # steps
     assert cache.builds == 4
     _static_run(
-        model, make_noise([0, 1, 2], (4, 8, 8)), make_solver(sched, 3), dit_conditioning(model, [1, 2, 3])
+        model, make_noise([0, 1, 2], (4, 8, 8)), make_solver(sched, 3), dit_cond(model, [1, 2, 3])
     )
     assert cache.builds == 5 and len(cache.entries) == cache.max_entries  # batch; oldest dropped
     _static_run(model, noise, make_solver(ddim_scheduler(timestep_spacing="trailing"), 3), cond)  # schedule

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ilf_runtime import ops
-from ilf_runtime._ext import ext_status, has_ext
+from ilf_runtime.ext import ext_status, has_ext
 
 needs_ext = pytest.mark.skipif(
     not has_ext(),

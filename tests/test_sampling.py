@@ -16,7 +16,7 @@ from conftest import (
 )
 
 from ilf_runtime import ILFConfig, apply_ilf, remove_ilf, sample
-from ilf_runtime._parity import SCHEDULERS, dit_parity, pixart_parity
+from tests.fixtures.parity import SCHEDULERS, dit_parity, pixart_parity
 
 TOL = 1e-5  # max abs difference of the final latents, fp32 (issue 2)
 

@@ -175,28 +175,6 @@ def test_step_compiles_without_graph_breaks(sched):
     torch.testing.assert_close(compiled(x, m), two_steps(x, m), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
-@pytest.mark.parametrize("spacing", ["leading", "trailing"])
-def test_ddim_target_model_output_round_trip(prediction_type, spacing):
-    sched = DDIMScheduler(prediction_type=prediction_type, timestep_spacing=spacing, clip_sample=False)
-    slv = make_solver(sched, 10)
-    x, x_next = _fixed(0), 0.9 * _fixed(2)
-    for i in range(slv.num_steps):
-        m = slv.target_model_output(i, x, x_next)
-        diff = (slv.step(i, x, m, SolverState()) - x_next).abs().max().item()
-        assert diff <= TOL, f"step {i}: max abs diff {diff:.3e}"
-
-
-def test_ddim_target_model_output_refusals():
-    with pytest.raises(ValueError, match="clip_sample=False"):
-        make_solver(DDIMScheduler(clip_sample=True), 4).target_model_output(0, _fixed(0), _fixed(1))
-    slv = make_solver(DDIMScheduler(clip_sample=False, set_alpha_to_one=False), 4)  # last step: t=0 -> abar_0
-    with pytest.raises(ValueError, match="whatever the model output"):
-        slv.target_model_output(3, _fixed(0), _fixed(1))
-    with pytest.raises(NotImplementedError, match="dpmpp_2m"):
-        make_solver(DPMSolverMultistepScheduler(), 4).target_model_output(0, _fixed(0), _fixed(1))
-
-
 def test_errors():
     with pytest.raises(ValueError, match="EulerDiscreteScheduler.*supported DDIMScheduler"):
         make_solver(EulerDiscreteScheduler(), 4)

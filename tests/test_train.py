@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from ilf_runtime import apply_ilf, load_ilf_weights, remove_ilf
 from ilf_runtime.ilf import get_ilf
-from ilf_runtime.pipelines import load_model
+from ilf_runtime.registry import load_model
 from ilf_runtime.train import Distiller, TrainArgs, main
 
 
@@ -199,7 +199,7 @@ def test_data_states_on_a_fashion_shaped_dit(tmp_path):
 def test_pixart_trains_from_prompt_embeddings(tmp_path):
     from safetensors.torch import save_file
 
-    from ilf_runtime._tiny import CAPTION_CHANNELS
+    from tests.fixtures.tiny import CAPTION_CHANNELS
 
     path = tmp_path / "pixart"
     tiny_pixart(num_layers=3).save_pretrained(path)

@@ -33,7 +33,7 @@ class _Clock:
 
 @pytest.fixture
 def tb():
-    from ilf_runtime.data import load_fashion_mnist
+    from ilf_runtime.fashion.data import load_fashion_mnist
 
     try:
         load_fashion_mnist("train")

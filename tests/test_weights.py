@@ -10,7 +10,7 @@ from conftest import tiny_dit, tiny_pixart
 from safetensors.torch import load_file, save_file
 
 from ilf_runtime import ILFConfig, apply_ilf, load_ilf_weights, remove_ilf, save_ilf_weights
-from ilf_runtime.weights import WeightsError, _content_hash, read_metadata
+from ilf_runtime.weights import WeightsError, content_hash, read_metadata
 
 CFG = ILFConfig(loop_start=1, loop_end=2, scale_shape="channel", loop_steps="last:3", feedback_init="copy:1")
 
@@ -104,7 +104,7 @@ def _rewrite(src, dst, edit_tensors=None, edit_meta=None):
         edit_tensors(tensors)
     if edit_meta:
         edit_meta(raw)
-    raw["content_sha256"] = _content_hash(tensors)
+    raw["content_sha256"] = content_hash(tensors)
     save_file(tensors, str(dst), metadata=raw)
     return dst
 

@@ -18,9 +18,14 @@ from typing import Any
 
 import torch
 
+from ilf_runtime.fashion import unsupported_reason
+from ilf_runtime.fashion.classifier import CLASSIFIER_DIR, class_accuracy, load_fashion_classifier
+from ilf_runtime.fashion.data import load_fashion_mnist
+from ilf_runtime.metrics import Gaussian, extract, fid_with_spread, paired_psnr
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["EvalArgs", "evaluate", "markdown_row", "write_results"]
+__all__ = ["MARKDOWN_HEADER", "EvalArgs", "evaluate", "markdown_row", "reference_sets", "write_results"]
 
 
 @dataclass
@@ -59,18 +64,13 @@ def _to01(images_u8: torch.Tensor) -> torch.Tensor:
 @functools.lru_cache(maxsize=1)
 def _test_gaussian():
     """Features of the whole Fashion-MNIST test split under the shipped classifier, fitted once."""
-    from ilf_runtime.data import load_fashion_mnist
-    from ilf_runtime.metrics import Gaussian, extract, load_fashion_classifier
-
     return Gaussian.fit(extract(load_fashion_classifier().features, _to01(load_fashion_mnist("test").images)))
 
 
 @functools.lru_cache(maxsize=8)
-def _reference_sets(n: int, subsets: int, seed: int) -> dict[str, Any]:
-    """Test-split Gaussian and the floor: FID of n train-split images against the test split."""
-    from ilf_runtime.data import load_fashion_mnist
-    from ilf_runtime.metrics import extract, fid_with_spread, load_fashion_classifier
-
+def reference_sets(n: int, subsets: int, seed: int) -> dict[str, Any]:
+    """Test-split Gaussian (``ref``) and the floor: FID of n train-split images (drawn with `seed`)
+    against the test split, with its spread over `subsets` (``floor``). Cached."""
     train = load_fashion_mnist("train")
     ref = _test_gaussian()
     idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
@@ -81,8 +81,6 @@ def _reference_sets(n: int, subsets: int, seed: int) -> dict[str, Any]:
 
 
 def _recorded_accuracy() -> float | None:
-    from ilf_runtime.metrics import CLASSIFIER_DIR
-
     f = CLASSIFIER_DIR / "config.json"
     return json.loads(f.read_text()).get("test_accuracy") if f.is_file() else None
 
@@ -93,26 +91,16 @@ def evaluate(model: Any, a: EvalArgs, *, progress: bool = True) -> dict[str, Any
 
     import diffusers
 
-    from ilf_runtime.metrics import (
-        class_accuracy,
-        extract,
-        fid_with_spread,
-        load_fashion_classifier,
-        paired_psnr,
-    )
-    from ilf_runtime.pipelines import sample, to_model
+    from ilf_runtime.pipelines import sample
+    from ilf_runtime.registry import to_model
 
     m = to_model(model)
     if a.guidance is None:
         a = replace(a, guidance=m.guidance)
-    if m.kind != "dit":
-        raise ValueError("ilf eval measures class-conditional DiT models; this is a PixArt model")
-    num_classes = m.transformer.config.num_embeds_ada_norm
-    if num_classes != 10 or m.transformer.config.in_channels != 1:
-        raise ValueError(
-            "ilf eval's metrics use the Fashion-MNIST classifier: the model must be a 10-class, "
-            f"1-channel pixel-space DiT (got {num_classes} classes, {m.transformer.config.in_channels} channels)"
-        )
+    reason = unsupported_reason(m)
+    if reason:
+        raise ValueError(f"ilf eval's metrics use the Fashion-MNIST classifier: {reason}")
+    num_classes = m.adapter.num_classes(m.transformer)
     if a.per_class < 1 or a.subsets < 1 or a.per_class * num_classes < 2 * a.subsets:
         raise ValueError("need per_class >= 1 and at least two images per FID subset")
     labels = torch.arange(num_classes).repeat_interleave(a.per_class)
@@ -130,7 +118,7 @@ def evaluate(model: Any, a: EvalArgs, *, progress: bool = True) -> dict[str, Any
     }
     out = sample(m, num_steps=a.steps, ilf=a.weights, loop_steps=a.loop_steps, **common)
     clf = load_fashion_classifier()
-    sets = _reference_sets(n, a.subsets, a.seed)
+    sets = reference_sets(n, a.subsets, a.seed)
     feats = extract(clf.features, out.images)
     result: dict[str, Any] = {
         "model": m.name or type(m.transformer).__name__,

@@ -1,4 +1,4 @@
-"""Soft loading of the compiled extension ``ilf_runtime._C`` (internal).
+"""Loading of the compiled extension ``ilf_runtime._C``, and what loaded (`ext_status`).
 
 The extension is optional: when it is missing, fails to load, or ``ILF_DISABLE_EXT=1`` is set,
 every op falls back to its pure-PyTorch reference in `ilf_runtime.ops`, and the reason is kept
@@ -23,7 +23,8 @@ DISABLE_ENV = "ILF_DISABLE_EXT"
 EXPECTED_OPS = {"feedback_inject": 3, "ada_layernorm": 6, "gated_residual": 6}
 
 
-def _stale_ops() -> list[str]:
+def stale_ops() -> list[str]:
+    """The expected ops the loaded `_C` lacks or registers with other argument counts."""
     import torch
 
     bad = []
@@ -64,7 +65,7 @@ def _load() -> dict[str, Any]:
         except Exception as e:  # noqa: BLE001
             status["reason"] = f"{type(e).__name__}: {e}"
         else:
-            stale = _stale_ops()
+            stale = stale_ops()
             if stale:
                 status["reason"] = (
                     f"{getattr(mod, '__file__', '_C')} is out of date ({', '.join(stale)}); rebuild it with "

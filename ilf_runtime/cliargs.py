@@ -1,0 +1,136 @@
+"""Command-line flags from a dataclass: one helper for every `ilf` subcommand.
+
+Each field of an arguments dataclass becomes one flag (``loop_start`` -> ``--loop-start``):
+
+- the type comes from `typing.get_type_hints`: ``int``, ``float``, ``str``, their optional forms
+  (``float | None``: the flag takes a float, absent means None) and ``list[str]`` / ``list[int]``
+  (a repeatable flag);
+- ``bool`` fields are switches: ``--name`` when the default is False, ``--no-name`` when it is True;
+- the help text is the field's entry in the class docstring's ``Args:`` section, followed by the
+  default;
+- ``field(metadata={"choices": (...)})`` restricts the values, ``{"positional": True}`` makes the
+  field a positional argument, ``{"cli": False}`` keeps it off the command line.
+
+`from_namespace` builds the dataclass back from the parsed flags. With ``unset_is_none=True`` every
+flag defaults to None, so that a caller can layer what was given over a preset (`ilf train --preset`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any
+
+__all__ = ["add_dataclass_arguments", "field_help", "flag_name", "from_namespace"]
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Field name -> help text, from the ``Args:`` section of the class docstring (Google style;
+    ``a, b: text`` documents several fields at once)."""
+    doc = cls.__doc__ or ""
+    if "Args:" not in doc:
+        return {}
+    lines = doc.split("Args:", 1)[1].splitlines()
+    indent = None
+    out: dict[str, str] = {}
+    current: list[str] = []
+    for ln in lines:
+        if not ln.strip():
+            continue
+        lead = len(ln) - len(ln.lstrip())
+        if indent is None:
+            indent = lead
+        if lead < indent:
+            break
+        head, sep, rest = ln.strip().partition(":")
+        names = [n.strip() for n in head.split(",")]
+        if lead == indent and sep and all(n.isidentifier() for n in names):
+            current = names
+            for n in names:
+                out[n] = rest.strip()
+        elif current:
+            for n in current:
+                out[n] += " " + ln.strip()
+    return out
+
+
+def _unwrap(t: Any) -> tuple[Any, bool]:
+    """(base type, optional) of ``T`` or ``T | None``."""
+    origin = typing.get_origin(t)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        if len(args) != 1:
+            raise TypeError(f"unsupported union type {t}")
+        return args[0], True
+    return t, False
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def add_dataclass_arguments(
+    parser: argparse.ArgumentParser, cls: type, *, unset_is_none: bool = False, exclude: tuple[str, ...] = ()
+) -> None:
+    """One flag per field of dataclass `cls` (see the module docstring)."""
+    hints = typing.get_type_hints(cls)
+    helps = field_help(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in exclude or not f.metadata.get("cli", True):
+            continue
+        base, _ = _unwrap(hints[f.name])
+        default = _default(f)
+        text = helps.get(f.name, "")
+        kw: dict[str, Any] = {"help": text}
+        if "choices" in f.metadata:
+            kw["choices"] = list(f.metadata["choices"])
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, type=base, **kw)
+            continue
+        if base is bool:
+            if default is True:
+                parser.add_argument(
+                    "--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=text
+                )
+            else:
+                parser.add_argument(flag_name(f.name), action="store_true", help=text)
+            parser.set_defaults(**{f.name: None if unset_is_none else bool(default)})
+            continue
+        if typing.get_origin(base) is list:
+            (item,) = typing.get_args(base)
+            kw |= {"type": item, "action": "append", "help": f"{text} (repeatable)"}
+            parser.add_argument(flag_name(f.name), default=None, **kw)
+            continue
+        if base not in (int, float, str):
+            raise TypeError(f"{cls.__name__}.{f.name}: unsupported type {hints[f.name]} for a flag")
+        shown = "" if default in (None, dataclasses.MISSING, "") else f" (default: {default})"
+        kw["help"] = text + shown
+        kw["type"] = base
+        if default is dataclasses.MISSING:
+            kw["required"] = True
+        parser.add_argument(flag_name(f.name), default=None if unset_is_none else _none(default), **kw)
+
+
+def _none(v: Any) -> Any:
+    return None if v is dataclasses.MISSING else v
+
+
+def from_namespace(cls: type, ns: argparse.Namespace, base: dict[str, Any] | None = None) -> Any:
+    """The dataclass `cls` from parsed flags: a flag left unset (None, or an empty repeatable list)
+    takes `base`'s value (a preset), else the field's default."""
+    values = dict(base or {})
+    for f in dataclasses.fields(cls):
+        v = getattr(ns, f.name, None)
+        if v is not None:
+            values[f.name] = v
+    return cls(**values)

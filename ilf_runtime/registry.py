@@ -1,0 +1,239 @@
+"""Models to sample from: the built-in ones, their shipped feedback weights, and loading.
+
+A model is a diffusers pipeline (`DiTPipeline`, `PixArtAlphaPipeline`, `PixArtSigmaPipeline`), a
+bare supported transformer, a local directory holding either (loaded with `from_pretrained`,
+offline), or a short name of a built-in model (`MODEL_NAMES`). `load_model` / `to_model` resolve it
+once into a `Model`, which carries the transformer, its adapter (`ilf_runtime.models`), the noise
+schedule and the VAE. A bare transformer directory may hold a ``scheduler_config.json`` beside its
+``config.json``; without one `DEFAULT_SCHEDULER` is used. Models without a VAE sample in pixel space.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ilf_runtime.models import ModelAdapter, adapter_for_class, resolve
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_SCHEDULER",
+    "DTYPES",
+    "MODEL_NAMES",
+    "SHIPPED_WEIGHTS",
+    "Model",
+    "load_model",
+    "resolve_weights",
+    "scheduler_from_config",
+    "shipped_weights",
+    "to_model",
+]
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # command-line names of dtypes
+
+# Bare transformers without a scheduler config get DDIM on DiT's linear beta schedule, with
+# trailing spacing so that coarse step grids are subsets of finer ones, and a final step to
+# alpha = 1 (the clean image). The bundled model ships this config.
+DEFAULT_SCHEDULER = {
+    "_class_name": "DDIMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "clip_sample": False,
+    "set_alpha_to_one": True,
+    "timestep_spacing": "trailing",
+    "prediction_type": "epsilon",
+}
+
+# Feedback weights shipped with a built-in model: ``--weights shipped`` picks "default",
+# ``--weights shipped:NAME`` another entry. Files live beside the model's own files.
+SHIPPED_WEIGHTS = {
+    "fashion-dit": {
+        "default": "feedback.safetensors",
+        "aggressive": "feedback-aggressive.safetensors",
+        "dpmpp": "feedback-dpmpp.safetensors",
+    },
+}
+
+
+def shipped_weights(model_name: str) -> dict[str, Path]:
+    """The feedback weights files shipped for built-in model `model_name` that are present."""
+    files = SHIPPED_WEIGHTS.get(model_name, {})
+    where = MODEL_NAMES.get(model_name, (None, None))[0]
+    if not files or where is None or callable(where):
+        return {}
+    return {k: Path(where) / f for k, f in files.items() if (Path(where) / f).is_file()}
+
+
+def resolve_weights(spec: str | PathLike | None, model_name: str) -> str | None:
+    """A weights argument as given by a user: a path, or ``shipped`` / ``shipped:NAME``."""
+    if spec is None or not str(spec).startswith("shipped"):
+        return None if spec is None else str(spec)
+    name = str(spec).partition(":")[2] or "default"
+    have = shipped_weights(model_name)
+    if name not in have:
+        raise FileNotFoundError(
+            f"weights {spec!r}: model {model_name!r} ships "
+            + (", ".join(f"shipped:{k}" for k in have) if have else "no feedback weights")
+        )
+    return str(have[name])
+
+
+def _tiny_random_dit() -> nn.Module:
+    """A randomly initialised 12-block pixel-space DiT, built at run time (for smoke tests)."""
+    from diffusers import DiTTransformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = DiTTransformer2DModel(
+            num_attention_heads=4,
+            attention_head_dim=16,
+            in_channels=1,
+            out_channels=1,
+            num_layers=12,
+            sample_size=16,
+            patch_size=2,
+            num_embeds_ada_norm=10,
+            norm_type="ada_norm_zero",
+        )
+    return model.eval()
+
+
+ASSETS = Path(__file__).parent / "assets"
+
+# short name -> (directory or builder, description)
+MODEL_NAMES = {
+    "fashion-dit": (
+        ASSETS / "fashion-dit",
+        "the bundled 12-block DiT trained on Fashion-MNIST (16x16, pixel space, 10 classes)",
+    ),
+    "tiny-random": (
+        _tiny_random_dit,
+        "randomly initialised 12-block DiT (16x16x1, 10 classes), built at run time; random weights",
+    ),
+}
+
+
+@dataclass
+class Model:
+    """A transformer with what sampling from it needs."""
+
+    transformer: nn.Module
+    scheduler: Any
+    vae: nn.Module | None = None
+    pipeline: Any = None
+    name: str = ""
+    note: str = ""
+    default_guidance: float | None = None
+    adapter: ModelAdapter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.transformer, self.adapter = resolve(self.transformer)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    @property
+    def guidance(self) -> float:
+        """The guidance scale used when a call gives none: the model's recorded default, else the
+        diffusers pipeline's own default."""
+        return self.default_guidance if self.default_guidance is not None else self.adapter.default_guidance
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        c = self.transformer.config
+        return (c.in_channels, c.sample_size, c.sample_size)
+
+    @property
+    def image_size(self) -> int:
+        s = self.transformer.config.sample_size
+        return s * (2 ** (len(self.vae.config.block_out_channels) - 1)) if self.vae is not None else s
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Model:
+        kw = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        if kw:
+            self.transformer.to(**kw)
+        if self.vae is not None and device is not None:
+            self.vae.to(device=device)
+        return self
+
+
+def scheduler_from_config(cfg: dict[str, Any]) -> Any:
+    """A diffusers scheduler from its config dict (``_class_name`` picks the class, DDIM by default)."""
+    import diffusers
+
+    cls = getattr(diffusers, cfg.get("_class_name", "DDIMScheduler"), None)
+    if cls is None:
+        raise ValueError(f"unknown scheduler class {cfg.get('_class_name')!r}")
+    return cls.from_config(cfg)
+
+
+def load_model(
+    source: str | PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> Model:
+    """Loads a built-in model by name or a local diffusers pipeline / transformer directory."""
+    import diffusers
+
+    name = str(source)
+    if name in MODEL_NAMES:
+        where, desc = MODEL_NAMES[name]
+        if callable(where):
+            model = Model(where(), scheduler_from_config(DEFAULT_SCHEDULER), name=name, note=desc)
+            return model.to(device, dtype)
+        if not (Path(where) / "config.json").is_file():
+            raise FileNotFoundError(f"built-in model {name!r}: its files are missing from {where}")
+        model = load_model(where, device=device, dtype=dtype)
+        model.name, model.note = name, desc
+        return model
+    path = Path(source)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"model {name!r}: not a directory and not a built-in name (built-in: {', '.join(MODEL_NAMES)})"
+        )
+    if (path / "model_index.json").is_file():
+        pipe = diffusers.DiffusionPipeline.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
+        model = to_model(pipe)
+        model.name = name
+        return model.to(device)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"model {name!r}: no model_index.json or config.json in {path}")
+    cls_name = json.loads(cfg_file.read_text()).get("_class_name")
+    cls = getattr(diffusers, adapter_for_class(cls_name).transformer_class)
+    transformer = cls.from_pretrained(
+        path, local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=False
+    ).eval()
+    sched_file = path / "scheduler_config.json"
+    sched_cfg = json.loads(sched_file.read_text()) if sched_file.is_file() else DEFAULT_SCHEDULER
+    model = Model(transformer, scheduler_from_config(sched_cfg), name=name)
+    defaults = path / "ilf_defaults.json"  # e.g. the guidance scale a sweep chose for this model
+    if defaults.is_file():
+        model.default_guidance = json.loads(defaults.read_text()).get("guidance_scale")
+    return model.to(device)
+
+
+def to_model(obj: Any) -> Model:
+    """Wraps a pipeline or a bare transformer into a `Model`."""
+    if isinstance(obj, Model):
+        return obj
+    if isinstance(obj, (str, PathLike)):
+        return load_model(obj)
+    transformer, _ = resolve(obj)
+    is_pipe = transformer is not obj
+    sched = obj.scheduler if is_pipe else scheduler_from_config(DEFAULT_SCHEDULER)
+    vae = getattr(obj, "vae", None) if is_pipe else None
+    return Model(transformer, sched, vae=vae, pipeline=obj if is_pipe else None)
