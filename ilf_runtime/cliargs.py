@@ -9,7 +9,9 @@ Each field of an arguments dataclass becomes one flag (``loop_start`` -> ``--loo
 - the help text is the field's entry in the class docstring's ``Args:`` section, followed by the
   default;
 - ``field(metadata={"choices": (...)})`` restricts the values, ``{"positional": True}`` makes the
-  field a positional argument, ``{"cli": False}`` keeps it off the command line.
+  field a positional argument, ``{"cli": False}`` keeps it off the command line;
+- a field whose type is itself a dataclass (``TrainArgs.loop: ILFConfig``) contributes its own
+  fields as flags, with the outer field's default instance giving their defaults.
 
 `from_namespace` builds the dataclass back from the parsed flags. With ``unset_is_none=True`` every
 flag defaults to None, so that a caller can layer what was given over a preset (`ilf train --preset`).
@@ -80,16 +82,26 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 def add_dataclass_arguments(
-    parser: argparse.ArgumentParser, cls: type, *, unset_is_none: bool = False, exclude: tuple[str, ...] = ()
+    parser: argparse.ArgumentParser,
+    cls: type,
+    *,
+    unset_is_none: bool = False,
+    exclude: tuple[str, ...] = (),
+    defaults: dict[str, Any] | None = None,
 ) -> None:
-    """One flag per field of dataclass `cls` (see the module docstring)."""
+    """One flag per field of dataclass `cls` (see the module docstring); `defaults` overrides the
+    fields' own defaults (a nested dataclass's, from the outer default instance)."""
     hints = typing.get_type_hints(cls)
     helps = field_help(cls)
     for f in dataclasses.fields(cls):
         if f.name in exclude or not f.metadata.get("cli", True):
             continue
         base, _ = _unwrap(hints[f.name])
-        default = _default(f)
+        default = (defaults or {}).get(f.name, _default(f))
+        if dataclasses.is_dataclass(base):
+            inner = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else {}
+            add_dataclass_arguments(parser, base, unset_is_none=unset_is_none, defaults=inner)
+            continue
         text = helps.get(f.name, "")
         kw: dict[str, Any] = {"help": text}
         if "choices" in f.metadata:
@@ -128,9 +140,23 @@ def _none(v: Any) -> Any:
 def from_namespace(cls: type, ns: argparse.Namespace, base: dict[str, Any] | None = None) -> Any:
     """The dataclass `cls` from parsed flags: a flag left unset (None, or an empty repeatable list)
     takes `base`'s value (a preset), else the field's default."""
-    values = dict(base or {})
+    base = dict(base or {})
+    hints = typing.get_type_hints(cls)
+    values = {}
     for f in dataclasses.fields(cls):
+        inner, _ = _unwrap(hints[f.name])
+        if dataclasses.is_dataclass(inner):  # its fields are flat flags (and flat preset keys)
+            start = base.pop(f.name, None) or _default(f)
+            start = dataclasses.asdict(start) if dataclasses.is_dataclass(start) else dict(start or {})
+            names = {g.name for g in dataclasses.fields(inner)}
+            start |= {k: base.pop(k) for k in list(base) if k in names}
+            values[f.name] = from_namespace(inner, ns, start)
+            continue
+        if f.name in base:
+            values[f.name] = base.pop(f.name)
         v = getattr(ns, f.name, None)
         if v is not None:
             values[f.name] = v
+    if base:
+        raise ValueError(f"unknown {cls.__name__} fields {sorted(base)}")
     return cls(**values)
