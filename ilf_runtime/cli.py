@@ -11,28 +11,34 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-__all__ = ["build_parser", "main"]
+from ilf_runtime.cliargs import add_dataclass_arguments, from_namespace
+from ilf_runtime.fashion.evaluate import EvalArgs
+from ilf_runtime.registry import DTYPES
+
+__all__ = ["COMMANDS", "EvalCommand", "InfoArgs", "SampleArgs", "build_parser", "main"]
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+SOLVERS = ("ddim", "dpmpp_2m")
 
 
 class UsageError(Exception):
     """A problem with what the user asked for: reported in one line, exit code 2."""
 
 
-def _int_list(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]`` (an argparse type)."""
     try:
         return [int(p) for p in text.split(",") if p.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def _positive(text: str) -> int:
+def positive(text: str) -> int:
+    """A positive integer (an argparse type)."""
     try:
         v = int(text)
     except ValueError:
@@ -42,101 +48,118 @@ def _positive(text: str) -> int:
     return v
 
 
+POSITIVE = {"type": positive}
+
+
+@dataclass
+class SampleArgs:
+    """`ilf sample`: sample images into a PNG grid, one row per class or prompt.
+
+    Args:
+        model: model directory (diffusers pipeline or transformer) or built-in name.
+        weights: feedback weights file (.safetensors) to apply, or shipped[:NAME] for a built-in model's own.
+        classes: class ids of a class-conditional model, e.g. 0,1,2 (default: all classes, up to 10).
+        per_class: images per class or prompt.
+        prompt: prompt of a text-to-image model.
+        prompt_embeds: safetensors file with prompt_embeds [, prompt_attention_mask, negative_*].
+        steps: solver steps (default: the weights file's, else 20).
+        solver: default: the weights file's, else the model's scheduler.
+        guidance: classifier-free guidance scale (default: the model's).
+        seed: first noise seed; image i uses seed + i.
+        loop_steps: steps that run the loop: all, none, first:K, last:K, every:K or 5,7,9.
+        batch_size: images per forward batch (default all).
+        device: torch device.
+        dtype: parameter dtype.
+        out: output PNG grid.
+        progress: show a progress bar.
+        cuda_graph: run each batch's denoising loop as one CUDA graph (CUDA only).
+        fused: run the blocks through the fused forward (`ilf_runtime.fused`; on the CPU the compiled
+            ops are used where benchmarks/cpu_ops.py measured them faster).
+    """
+
+    model: str
+    weights: str | None = None
+    classes: list[int] | None = field(default=None, metadata={"type": int_list})
+    per_class: int = field(default=4, metadata=POSITIVE)
+    prompt: list[str] = field(default_factory=list)
+    prompt_embeds: str | None = None
+    steps: int | None = field(default=None, metadata=POSITIVE)
+    solver: str | None = field(default=None, metadata={"choices": SOLVERS})
+    guidance: float | None = None
+    seed: int = 0
+    loop_steps: str | None = None
+    batch_size: int | None = field(default=None, metadata=POSITIVE)
+    device: str = "cpu"
+    dtype: str = field(default="fp32", metadata={"choices": tuple(DTYPES)})
+    out: str = "samples.png"
+    progress: bool = True
+    cuda_graph: bool = False
+    fused: bool = False
+
+
+@dataclass
+class EvalCommand(EvalArgs):
+    """`ilf eval`: sample N images per class and measure FID, class accuracy and paired PSNR.
+
+    Args:
+        steps: solver steps (default: the weights file's, else 20).
+        weights: feedback weights file (.safetensors), or shipped[:NAME].
+        model: model directory or built-in name.
+        out: output path stem: writes STEM.json and STEM.md.
+        progress: show a progress bar.
+        fused: run the blocks through the fused forward (`ilf_runtime.fused`).
+    """
+
+    steps: int | None = field(default=None, metadata=POSITIVE)
+    solver: str | None = field(default=None, metadata={"choices": SOLVERS})
+    per_class: int = field(default=100, metadata=POSITIVE)
+    subsets: int = field(default=5, metadata=POSITIVE)
+    batch_size: int = field(default=250, metadata=POSITIVE)
+    model: str = "fashion-dit"
+    out: str = "eval"
+    progress: bool = True
+    fused: bool = False
+
+
+@dataclass
+class InfoArgs:
+    """`ilf info`: print a feedback weights file's metadata.
+
+    Args:
+        file: feedback weights file (.safetensors).
+    """
+
+    file: str = field(metadata={"positional": True})
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ilf", description="Fast DiT / PixArt sampling with Inner Loop Feedback."
-    )
-    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    s = sub.add_parser("sample", help="sample an image grid", description="Sample images into a PNG grid.")
-    s.add_argument(
-        "--model", required=True, help="model directory (diffusers pipeline or transformer) or built-in name"
-    )
-    s.add_argument(
-        "--weights",
-        help="feedback weights file (.safetensors) to apply, or shipped[:NAME] for a built-in model's own",
-    )
-    s.add_argument(
-        "--classes", type=_int_list, help="DiT class ids, e.g. 0,1,2 (default: all classes, up to 10)"
-    )
-    s.add_argument("--per-class", type=_positive, default=4, help="images per class or prompt (default 4)")
-    s.add_argument("--prompt", action="append", help="PixArt prompt (repeatable)")
-    s.add_argument(
-        "--prompt-embeds", help="safetensors file with prompt_embeds [, prompt_attention_mask, negative_*]"
-    )
-    s.add_argument("--steps", type=_positive, help="solver steps (default: the weights file's, else 20)")
-    s.add_argument(
-        "--solver",
-        choices=["ddim", "dpmpp_2m"],
-        help="default: the weights file's, else the model's scheduler",
-    )
-    s.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the pipeline's)")
-    s.add_argument("--seed", type=int, default=0, help="first noise seed; image i uses seed + i")
-    s.add_argument(
-        "--loop-steps", help="steps that run the loop: all, none, first:K, last:K, every:K or 5,7,9"
-    )
-    s.add_argument("--batch-size", type=_positive, help="images per forward batch (default all)")
-    s.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    s.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    s.add_argument("--out", default="samples.png", help="output PNG grid (default samples.png)")
-    s.add_argument("--no-progress", action="store_true", help="no progress bar")
-    s.add_argument(
-        "--cuda-graph",
-        action="store_true",
-        help="run each batch's denoising loop as one CUDA graph (CUDA only)",
-    )
-
-    e = sub.add_parser(
-        "eval",
-        help="sample N images per class and measure FID, class accuracy, paired PSNR",
-        description="Evaluate a 10-class pixel-space DiT with the shipped Fashion-MNIST classifier.",
-    )
-    e.add_argument(
-        "--model", default="fashion-dit", help="model directory or built-in name (default fashion-dit)"
-    )
-    e.add_argument("--weights", help="feedback weights file (.safetensors), or shipped[:NAME]")
-    e.add_argument("--per-class", type=_positive, default=100, help="images per class (default 100)")
-    e.add_argument("--steps", type=_positive, help="solver steps (default: the weights file's, else 20)")
-    e.add_argument(
-        "--solver",
-        choices=["ddim", "dpmpp_2m"],
-        help="default: the weights file's, else the model's scheduler",
-    )
-    e.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--loop-steps")
-    e.add_argument(
-        "--ref-steps", type=int, default=0, help="paired PSNR against the plain sampler at N steps (0: off)"
-    )
-    e.add_argument(
-        "--subsets", type=_positive, default=5, help="disjoint subsets for the FID spread (default 5)"
-    )
-    e.add_argument("--batch-size", type=_positive, default=250)
-    e.add_argument("--out", default="eval", help="output path stem: writes STEM.json and STEM.md")
-    e.add_argument("--no-progress", action="store_true")
-
+    from ilf_runtime.bench import add_arguments as add_bench_arguments
     from ilf_runtime.train import add_arguments as add_train_arguments
 
-    t = sub.add_parser(
-        "train",
-        help="distil feedback weights from a frozen backbone",
-        description="Train the feedback module of an ILF loop by distillation from the frozen backbone; "
-        "runs data-parallel under torchrun.",
+    p = argparse.ArgumentParser(prog="ilf", description="Fast DiT / PixArt sampling with Inner Loop Feedback.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, cls, short in (
+        ("sample", SampleArgs, "sample an image grid"),
+        ("eval", EvalCommand, "sample N images per class and measure FID, class accuracy, paired PSNR"),
+        ("info", InfoArgs, "print a feedback weights file's metadata"),
+    ):
+        add_dataclass_arguments(sub.add_parser(name, help=short, description=cls.__doc__.splitlines()[0]), cls)
+    add_train_arguments(
+        sub.add_parser(
+            "train",
+            help="distil feedback weights from a frozen backbone",
+            description="Train the feedback module of an ILF loop by distillation from the frozen backbone; "
+            "runs data-parallel under torchrun.",
+        )
     )
-    add_train_arguments(t)
-
-    from ilf_runtime.bench import add_arguments
-
-    b = sub.add_parser(
-        "bench",
-        help="speed and quality of ILF against fewer steps and caching methods (benchmarks/compare.py)",
-        description="One table, one plot, one grid: ILF, plain samplers and caches on one model, in one run.",
+    add_bench_arguments(
+        sub.add_parser(
+            "bench",
+            help="speed and quality of ILF against fewer steps and caching methods (benchmarks/compare.py)",
+            description="One table, one plot, one grid: ILF, plain samplers and caches on one model, in one run.",
+        )
     )
-    add_arguments(b)
-
-    i = sub.add_parser("info", help="print a feedback weights file's metadata")
-    i.add_argument("file", help="feedback weights file (.safetensors)")
     return p
 
 
@@ -160,9 +183,10 @@ def _weights_defaults(args: argparse.Namespace) -> None:
         )
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
+def cmd_sample(args: SampleArgs) -> int:
     import torch
 
+    from ilf_runtime.fused import apply_fused_blocks
     from ilf_runtime.images import save_grid
     from ilf_runtime.pipelines import sample
     from ilf_runtime.registry import MODEL_NAMES, load_model
@@ -172,6 +196,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.cuda_graph and torch.device(args.device).type != "cuda":
         raise UsageError(f"--cuda-graph needs a CUDA device, got --device {args.device}")
     model = load_model(args.model, device=args.device, dtype=dtype)
+    if args.fused:
+        apply_fused_blocks(model)
     if args.model in MODEL_NAMES:
         print(f"model: {args.model}: {model.note}")
     kw: dict[str, Any] = {}
@@ -217,7 +243,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         ilf=args.weights,
         loop_steps=args.loop_steps,
         batch_size=args.batch_size,
-        progress=not args.no_progress,
+        progress=args.progress,
         cuda_graph=args.cuda_graph,
         **kw,
     )
@@ -240,7 +266,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_info(args: argparse.Namespace) -> int:
+def cmd_info(args: InfoArgs) -> int:
     from ilf_runtime.weights import load_ilf_weights
 
     w = load_ilf_weights(args.file)
@@ -268,13 +294,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from ilf_runtime.fashion.evaluate import EvalArgs, evaluate, markdown_row, write_results
+def cmd_eval(args: EvalCommand) -> int:
+    from ilf_runtime.fashion.evaluate import evaluate, markdown_row, write_results
+    from ilf_runtime.fused import apply_fused_blocks
     from ilf_runtime.registry import load_model
 
     _weights_defaults(args)
     a = EvalArgs(**{f.name: getattr(args, f.name) for f in fields(EvalArgs)})
-    result = evaluate(load_model(args.model), a, progress=not args.no_progress)
+    model = load_model(args.model)
+    if args.fused:
+        apply_fused_blocks(model)
+    result = evaluate(model, a, progress=args.progress)
     write_results([result], args.out)
     f = result["fid"]
     print(
@@ -315,7 +345,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return main_from_args(args)
 
 
-COMMANDS = {"sample": cmd_sample, "info": cmd_info, "eval": cmd_eval, "bench": cmd_bench, "train": cmd_train}
+# subcommand -> (handler, arguments dataclass or None when the handler takes the namespace)
+COMMANDS = {
+    "sample": (cmd_sample, SampleArgs),
+    "eval": (cmd_eval, EvalCommand),
+    "info": (cmd_info, InfoArgs),
+    "train": (cmd_train, None),
+    "bench": (cmd_bench, None),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,8 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     from ilf_runtime.weights import WeightsError
 
+    handler, cls = COMMANDS[args.command]
     try:
-        return COMMANDS[args.command](args)
+        return handler(args if cls is None else from_namespace(cls, args))
     except (UsageError, WeightsError, ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
         parser.exit(2, f"ilf {args.command}: error: {e}\n")
     except KeyboardInterrupt:

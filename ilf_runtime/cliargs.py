@@ -8,7 +8,8 @@ Each field of an arguments dataclass becomes one flag (``loop_start`` -> ``--loo
 - ``bool`` fields are switches: ``--name`` when the default is False, ``--no-name`` when it is True;
 - the help text is the field's entry in the class docstring's ``Args:`` section, followed by the
   default;
-- ``field(metadata={"choices": (...)})`` restricts the values, ``{"positional": True}`` makes the
+- ``field(metadata={"choices": (...)})`` restricts the values, ``{"type": fn}`` parses them with
+  ``fn`` (an argparse type, e.g. a positive int or a comma-separated list), ``{"positional": True}`` makes the
   field a positional argument, ``{"cli": False}`` keeps it off the command line;
 - a field whose type is itself a dataclass (``TrainArgs.loop: ILFConfig``) contributes its own
   fields as flags, with the outer field's default instance giving their defaults.
@@ -33,9 +34,15 @@ def flag_name(name: str) -> str:
 
 
 def field_help(cls: type) -> dict[str, str]:
-    """Field name -> help text, from the ``Args:`` section of the class docstring (Google style;
-    ``a, b: text`` documents several fields at once)."""
-    doc = cls.__doc__ or ""
+    """Field name -> help text, from the ``Args:`` sections of the class's docstring and its base
+    classes' (Google style; ``a, b: text`` documents several fields at once)."""
+    out: dict[str, str] = {}
+    for c in reversed(cls.__mro__):
+        out |= _args_section(c.__doc__ or "") if c.__dict__.get("__doc__") else {}
+    return out
+
+
+def _args_section(doc: str) -> dict[str, str]:
     if "Args:" not in doc:
         return {}
     lines = doc.split("Args:", 1)[1].splitlines()
@@ -107,27 +114,27 @@ def add_dataclass_arguments(
         if "choices" in f.metadata:
             kw["choices"] = list(f.metadata["choices"])
         if f.metadata.get("positional"):
-            parser.add_argument(f.name, type=base, **kw)
+            parser.add_argument(f.name, type=f.metadata.get("type", base), **kw)
             continue
         if base is bool:
             if default is True:
                 parser.add_argument(
-                    "--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=text
+                    "--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=f"do not {text}"
                 )
             else:
                 parser.add_argument(flag_name(f.name), action="store_true", help=text)
             parser.set_defaults(**{f.name: None if unset_is_none else bool(default)})
             continue
-        if typing.get_origin(base) is list:
+        if typing.get_origin(base) is list and "type" not in f.metadata:
             (item,) = typing.get_args(base)
             kw |= {"type": item, "action": "append", "help": f"{text} (repeatable)"}
             parser.add_argument(flag_name(f.name), default=None, **kw)
             continue
-        if base not in (int, float, str):
+        if base not in (int, float, str) and "type" not in f.metadata:
             raise TypeError(f"{cls.__name__}.{f.name}: unsupported type {hints[f.name]} for a flag")
         shown = "" if default in (None, dataclasses.MISSING, "") else f" (default: {default})"
         kw["help"] = text + shown
-        kw["type"] = base
+        kw["type"] = f.metadata.get("type", base)
         if default is dataclasses.MISSING:
             kw["required"] = True
         parser.add_argument(flag_name(f.name), default=None if unset_is_none else _none(default), **kw)
