@@ -1,0 +1,31 @@
+"""The README's Public API example runs as written, on the bundled model."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _python_block(after: str) -> str:
+    text = README.read_text()
+    section = text[text.index(after) :]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_public_api_example_runs(tmp_path, monkeypatch):
+    from ilf_runtime.registry import MODEL_NAMES
+
+    if not (MODEL_NAMES["fashion-dit"][0] / "feedback.safetensors").is_file():
+        pytest.skip("the bundled model's shipped weights are not in this checkout")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(_python_block("## Public API"), "README.md", "exec"), scope)
+    ilf = scope["ilf"]
+    assert tuple(scope["out"].images.shape) == (2, 1, 16, 16)
+    assert (tmp_path / "fb.safetensors").is_file()
+    assert ilf.get_ilf(scope["model"]) is scope["loop"]
+    assert scope["loop"].config.loop_start == 3
