@@ -15,7 +15,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "ilf_settings"
 
-# Common to every setting; each entry below overrides some `TrainArgs` fields.
+# Common to every setting; each entry below overrides some `TrainArgs` fields (flat names, as the flags).
 BASE = {
     "model": "fashion-dit",
     "steps": 10,
@@ -74,16 +73,17 @@ SETTINGS: dict[str, dict] = {
 
 def run(name: str, bank_cache: str, runs_dir: Path) -> dict:
     from ilf_runtime.train import TrainArgs, main
+    from ilf_runtime.train.args import flat_args
 
-    a = TrainArgs(
-        **(BASE | SETTINGS[name] | {"out": str(runs_dir / name), "bank_cache": bank_cache, "progress": False})
+    a = TrainArgs.from_flat(
+        BASE | SETTINGS[name] | {"out": str(runs_dir / name), "bank_cache": bank_cache, "progress": False}
     )
     t0 = time.perf_counter()
     result = main(a)
     return {
         "name": name,
         "setting": SETTINGS[name],
-        "args": asdict(a),
+        "args": flat_args(a),  # flat, as render() and the earlier result files have them
         "wall_seconds": round(time.perf_counter() - t0, 1),
         "train_seconds": result["seconds"],
         "threads": torch.get_num_threads(),

@@ -26,7 +26,14 @@ import types
 import typing
 from typing import Any
 
-__all__ = ["add_dataclass_arguments", "field_help", "flag_name", "from_namespace"]
+__all__ = [
+    "add_dataclass_arguments",
+    "field_default",
+    "field_help",
+    "flag_name",
+    "from_namespace",
+    "unwrap_optional",
+]
 
 
 def flag_name(name: str) -> str:
@@ -69,7 +76,7 @@ def _args_section(doc: str) -> dict[str, str]:
     return out
 
 
-def _unwrap(t: Any) -> tuple[Any, bool]:
+def unwrap_optional(t: Any) -> tuple[Any, bool]:
     """(base type, optional) of ``T`` or ``T | None``."""
     origin = typing.get_origin(t)
     if origin in (typing.Union, types.UnionType):
@@ -80,7 +87,8 @@ def _unwrap(t: Any) -> tuple[Any, bool]:
     return t, False
 
 
-def _default(f: dataclasses.Field) -> Any:
+def field_default(f: dataclasses.Field) -> Any:
+    """The default value of a dataclass field (called factory), or `dataclasses.MISSING`."""
     if f.default is not dataclasses.MISSING:
         return f.default
     if f.default_factory is not dataclasses.MISSING:
@@ -103,8 +111,8 @@ def add_dataclass_arguments(
     for f in dataclasses.fields(cls):
         if f.name in exclude or not f.metadata.get("cli", True):
             continue
-        base, _ = _unwrap(hints[f.name])
-        default = (defaults or {}).get(f.name, _default(f))
+        base, _ = unwrap_optional(hints[f.name])
+        default = (defaults or {}).get(f.name, field_default(f))
         if dataclasses.is_dataclass(base):
             inner = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else {}
             add_dataclass_arguments(parser, base, unset_is_none=unset_is_none, defaults=inner)
@@ -151,9 +159,9 @@ def from_namespace(cls: type, ns: argparse.Namespace, base: dict[str, Any] | Non
     hints = typing.get_type_hints(cls)
     values = {}
     for f in dataclasses.fields(cls):
-        inner, _ = _unwrap(hints[f.name])
+        inner, _ = unwrap_optional(hints[f.name])
         if dataclasses.is_dataclass(inner):  # its fields are flat flags (and flat preset keys)
-            start = base.pop(f.name, None) or _default(f)
+            start = base.pop(f.name, None) or field_default(f)
             start = dataclasses.asdict(start) if dataclasses.is_dataclass(start) else dict(start or {})
             names = {g.name for g in dataclasses.fields(inner)}
             start |= {k: base.pop(k) for k in list(base) if k in names}

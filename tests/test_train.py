@@ -5,6 +5,7 @@ weights file that `apply_ilf` loads."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -51,7 +52,7 @@ def _args(model: str, out: Path, **kw) -> TrainArgs:
         "progress": False,
         "device": "cpu",
     }
-    return TrainArgs(**(base | kw))
+    return TrainArgs.from_flat(base | kw)
 
 
 def _held_out_loss(model, a: TrainArgs) -> float:
@@ -66,7 +67,7 @@ def test_training_reduces_loss_and_touches_only_feedback(dit_dir, tmp_path):
     a = _args(dit_dir, tmp_path / "run", train_steps=25, ema=0.0)
     model = load_model(dit_dir)
     before = {k: v.clone() for k, v in model.transformer.state_dict().items()}
-    loop = apply_ilf(model.transformer, a.ilf_config())
+    loop = apply_ilf(model.transformer, a.loop)
     initial = _held_out_loss(model, a)  # scales at zero: the plain model's error
     remove_ilf(model.transformer)
 
@@ -145,6 +146,9 @@ def test_resume_refuses_other_arguments(dit_dir, tmp_path):
     main(a)
     with pytest.raises(ValueError, match="different arguments: lr"):
         main(replace(a, lr=1.0, resume=True))
+    moved = replace(a.loop, loop_start=2, loop_end=3)  # other parameter shapes, refused before loading
+    with pytest.raises(ValueError, match=r"arguments: loop_end=2 \(now 3\), loop_start=1 \(now 2\)"):
+        main(replace(a, loop=moved, resume=True))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         main(replace(a, out=str(tmp_path / "nothing"), resume=True))
 
@@ -163,7 +167,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(dit_dir, tmp_path, monk
     with pytest.raises(FloatingPointError, match="non-finite training loss at step 3"):
         main(a)
     model = load_model(dit_dir)
-    loop = apply_ilf(model.transformer, a.ilf_config())
+    loop = apply_ilf(model.transformer, a.loop)
     params = list(loop.parameters())
     opt = torch.optim.AdamW(params)
     step, _ = load_checkpoint(
@@ -258,6 +262,44 @@ def test_cli_train(dit_dir, tmp_path, capsys):
         )
     assert e.value.code == 2
     assert "teacher_steps" in capsys.readouterr().err
+
+
+def test_cli_train_with_guidance(dit_dir, tmp_path):
+    """``--guidance`` reaches teacher and student as a float (it used to arrive as a string)."""
+    from ilf_runtime.cli import main as cli
+
+    out = tmp_path / "run"
+    rc = cli(
+        ["train", "--model", dit_dir, "--out", str(out), "--loop-start", "1", "--loop-end", "2",
+         "--steps", "2", "--teacher-steps", "4", "--states", "teacher", "--bank-size", "4", "--batch-size", "2",
+         "--train-steps", "2", "--val-samples", "2", "--guidance", "3", "--no-progress", "--device", "cpu"]
+    )  # fmt: skip
+    assert rc == 0
+    w = load_ilf_weights(out / "feedback.safetensors")
+    assert w.metadata["sampler"]["guidance_scale"] == 3.0  # not the tiny DiT's default of 4
+    assert w.metadata["training"]["args"]["guidance"] == 3.0
+    summary = json.loads((out / "summary.json").read_text())
+    assert all(math.isfinite(summary["validation"][k]) for k in ("psnr", "gain_db"))
+    assert all(torch.isfinite(t).all() for t in w.tensors.values())
+
+
+def test_cli_resume_needs_the_same_loop_flags(dit_dir, tmp_path, capsys):
+    from ilf_runtime.cli import main as cli
+
+    flags = ["train", "--model", dit_dir, "--out", str(tmp_path / "run"), "--loop-start", "1", "--loop-end", "2",
+             "--loop-steps", "all", "--steps", "2", "--teacher-steps", "4", "--states", "teacher",
+             "--bank-size", "4", "--batch-size", "2", "--train-steps", "2", "--val-samples", "2", "--no-progress",
+             "--device", "cpu"]  # fmt: skip
+    assert cli([*flags, "--max-minutes", "1e-9"]) == 0  # stops after one step, with a checkpoint
+    assert "stopped at step 1" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        cli([*flags, "--resume", "--loop-steps", "last:1"])
+    assert e.value.code == 2
+    assert "different arguments: loop_steps='all' (now 'last:1')" in capsys.readouterr().err
+    assert cli([*flags, "--resume"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    w = load_ilf_weights(tmp_path / "run" / "feedback.safetensors")
+    assert w.metadata["training"]["steps"] == 2 and w.metadata["training"]["steps_this_session"] == 1
 
 
 def test_torchrun_two_ranks_end_with_identical_weights(dit_dir, tmp_path):

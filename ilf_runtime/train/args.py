@@ -1,0 +1,182 @@
+"""The arguments of one training run: `TrainArgs`, its presets, and its command-line flags."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, field, is_dataclass
+from typing import Any
+
+from ilf_runtime.cliargs import add_dataclass_arguments, from_namespace
+from ilf_runtime.config import ILFConfig
+
+__all__ = ["PRESETS", "TARGETS", "TrainArgs", "add_arguments", "args_from_namespace", "flat_args"]
+
+TARGETS = ("trajectory", "fast")
+
+
+@dataclass
+class TrainArgs:
+    """One distillation run; command-line flags map one to one onto these fields (the fields of
+    ``loop`` are flat flags: ``--loop-start``, ``--loop-steps``, ...).
+
+    Args:
+        model: built-in model name or local diffusers DiT / PixArt directory.
+        out: run directory (checkpoint, logs, weights file).
+        loop: the `ILFConfig` of the loop; its ``loop_steps`` refers to the student grid.
+        steps: student sampling steps.
+        teacher_steps: plain sampler steps of the teacher; a multiple of ``steps``.
+        solver: ``ddim`` or ``dpmpp_2m`` (default: the model's scheduler).
+        guidance: guidance scale of teacher and student (default: the model's).
+        target: ``trajectory``, ``fast`` or ``trajectory+fast``.
+        fast_weight: weight of the ``fast`` term when combined.
+        feature_weight: weight of the feature loss on the loop output (0: off).
+        loss_space: ``eps`` (landing error over the output coefficient) or ``x`` (landing error).
+        unroll: consecutive student steps per loss, with gradients through the student's states.
+        rollout: student steps (no gradient) taken before the trained step, from a teacher or data
+            state; the teacher's target starts from where the student got (on-policy). DDIM only.
+        states: ``data`` (noised Fashion-MNIST; bundled-model-like DiTs) or ``teacher`` (trajectories).
+        bank_size: teacher trajectories per rank in the bank.
+        bank_refresh: regenerate the bank every this many steps (0: never).
+        bank_cache: directory where banks are kept and reused across runs (keyed by a hash of the
+            backbone's weights, the schedule, the bank's seed and size).
+        prompt_embeds: PixArt: safetensors file with ``prompt_embeds`` [, masks, ``negative_*``].
+        train_steps: optimiser steps.
+        batch_size: samples per step and rank.
+        lr: AdamW's peak learning rate (reached after the warm-up, then cosine decay to 0).
+        weight_decay: AdamW's weight decay.
+        warmup: steps of linear learning-rate warm-up.
+        grad_clip: clip the gradient norm to this (0: no clipping).
+        ema: decay of the exponential moving average of the feedback parameters; the written weights
+            are the EMA.
+        seed: seed of every random draw (each rank and step derive their own generator from it).
+        ckpt_every: steps between checkpoints.
+        val_every: steps between validation passes (0: only at the end).
+        val_samples: images of the fixed validation set (paired PSNR against the teacher's samples).
+        max_minutes: stop with a checkpoint after this much training time (0: no limit).
+        resume: continue from ``out/checkpoint.safetensors``.
+        progress: show a progress bar.
+        device: ``cpu`` or ``cuda`` (default: CUDA when available).
+    """
+
+    model: str = "fashion-dit"
+    out: str = "runs/ilf-train"
+    loop: ILFConfig = field(default_factory=lambda: ILFConfig(loop_start=4, loop_end=6, loop_steps="last:5"))
+    steps: int = 10
+    teacher_steps: int = 20
+    solver: str | None = field(default=None, metadata={"choices": ("ddim", "dpmpp_2m")})
+    guidance: float | None = None
+    target: str = "trajectory"
+    fast_weight: float = 1.0
+    feature_weight: float = 0.0
+    loss_space: str = field(default="eps", metadata={"choices": ("eps", "x")})
+    unroll: int = 1
+    rollout: int = 0
+    states: str = field(default="data", metadata={"choices": ("data", "teacher")})
+    bank_size: int = 1024
+    bank_refresh: int = 0
+    bank_cache: str | None = None
+    prompt_embeds: str | None = None
+    train_steps: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: int = 50
+    grad_clip: float = 1.0
+    ema: float = 0.99
+    seed: int = 0
+    ckpt_every: int = 100
+    val_every: int = 0
+    val_samples: int = 200
+    max_minutes: float = 0.0
+    resume: bool = False
+    progress: bool = True
+    device: str | None = field(default=None, metadata={"choices": ("cpu", "cuda")})
+
+    def __post_init__(self) -> None:
+        parts = self.target.split("+")
+        if not parts or any(p not in TARGETS for p in parts) or len(set(parts)) != len(parts):
+            raise ValueError(
+                f"target must be {' / '.join(TARGETS)} or a '+' combination, got {self.target!r}"
+            )
+        checks = {
+            "steps": self.steps >= 1,
+            "teacher_steps": self.teacher_steps >= self.steps and self.teacher_steps % self.steps == 0,
+            "unroll": self.unroll >= 1,
+            "rollout": self.rollout >= 0,
+            "train_steps": self.train_steps >= 1,
+            "batch_size": self.batch_size >= 1,
+            "bank_size": self.bank_size >= 1,
+            "ema": 0.0 <= self.ema < 1.0,
+            "loss_space": self.loss_space in ("eps", "x"),
+            "states": self.states in ("data", "teacher"),
+            "ckpt_every": self.ckpt_every >= 1,
+            "val_samples": self.val_samples >= 2,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(
+                f"invalid training arguments: {', '.join(bad)} (teacher_steps must be a multiple of steps; "
+                f"loss_space eps|x; states data|teacher; ema in [0, 1))"
+            )
+
+    @classmethod
+    def from_flat(cls, values: dict[str, Any]) -> TrainArgs:
+        """The arguments from flat field names, as presets and flags name them (``loop_start`` sits
+        beside ``steps``); fields not given take their defaults."""
+        return from_namespace(cls, argparse.Namespace(), base=values)
+
+    @property
+    def targets(self) -> list[str]:
+        return self.target.split("+")
+
+
+def flat_args(args: TrainArgs | dict[str, Any]) -> dict[str, Any]:
+    """The arguments (or their `asdict` / JSON form) as one flat dict: the fields of ``loop`` in its
+    place, under the names of their flags. Checkpoints compare runs in this form."""
+    nested = asdict(args) if is_dataclass(args) else args
+    flat: dict[str, Any] = {}
+    for k, v in nested.items():
+        if isinstance(v, dict):
+            flat |= v
+        else:
+            flat[k] = v
+    return flat
+
+
+# Named settings for the bundled model; `ilf train --preset NAME` starts from one (flags override).
+# Chosen by benchmarks/ilf_settings.py (see benchmarks/results/ilf_settings.md); the shipped weights
+# were trained with `torchrun --nproc-per-node 2 -m ilf_runtime train --preset NAME` (2 ranks).
+# Keys are flat (`TrainArgs.from_flat`).
+_FASHION = {
+    "model": "fashion-dit",
+    "loop_start": 5,
+    "loop_end": 6,
+    "feedback_init": "copy:6",
+    "states": "teacher",
+    "bank_size": 2048,
+    "batch_size": 32,
+    "warmup": 100,
+    "lr": 1e-3,
+    "ema": 0.995,
+    "val_samples": 256,
+    "ckpt_every": 250,
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    "fashion-dit": _FASHION | {"steps": 10, "loop_steps": "last:8", "train_steps": 4000, "val_every": 1000},
+    "fashion-dit-aggressive": _FASHION
+    | {"steps": 5, "loop_steps": "all", "bank_size": 1024, "train_steps": 1200, "val_every": 400},
+}
+
+
+# -- command line ---------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag per `TrainArgs` field (``--loop-start``, ``--no-progress``, ...) plus ``--preset``;
+    every flag defaults to None so that what was given can be layered over a preset."""
+    p.add_argument("--preset", choices=sorted(PRESETS), help="start from a named setting (flags override)")
+    add_dataclass_arguments(p, TrainArgs, unset_is_none=True)
+
+
+def args_from_namespace(ns: argparse.Namespace) -> TrainArgs:
+    """`TrainArgs` from parsed flags: the preset's values (if any), overridden by the flags given."""
+    preset = getattr(ns, "preset", None)
+    return from_namespace(TrainArgs, ns, base=PRESETS[preset] if preset else None)

@@ -1,0 +1,150 @@
+"""A run's files: the resumable checkpoint, the CSV logs, and the stop flag that ends a run with one."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import signal
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ilf_runtime.train.args import TrainArgs, flat_args
+from ilf_runtime.weights import save_file_atomic
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CKPT",
+    "LOG_FIELDS",
+    "RESUMABLE",
+    "VAL_FIELDS",
+    "WEIGHTS",
+    "StopFlag",
+    "append_row",
+    "load_checkpoint",
+    "save_checkpoint",
+    "trim_log",
+]
+
+CKPT = "checkpoint.safetensors"
+WEIGHTS = "feedback.safetensors"
+# Columns of the run's log.csv (one row per step) and val.csv (one row per validation pass).
+LOG_FIELDS = ["step", "loss", "trajectory", "fast", "feature", "lr", "samples_per_s", "seconds"]
+VAL_FIELDS = ["step", "psnr", "psnr_se", "gain_db", "gain_se", "equal_cost_steps", "equal_cost_psnr"]
+
+
+def save_checkpoint(
+    path: Path, loop: nn.Module, ema: list[torch.Tensor], opt, a: TrainArgs, step: int, seconds: float
+) -> None:
+    """Feedback weights, EMA, optimiser state, RNG state, step and arguments; written atomically."""
+    names = [n for n, _ in loop.named_parameters()]
+    tensors = {f"model.{n}": p.detach().cpu().contiguous() for n, p in loop.named_parameters()}
+    tensors |= {f"ema.{n}": e.cpu().contiguous() for n, e in zip(names, ema)}
+    sd = opt.state_dict()
+    for pid, st in sd["state"].items():
+        for key, v in st.items():
+            tensors[f"opt.{pid}.{key}"] = torch.as_tensor(v).cpu().contiguous().clone()
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {
+        "format": "ilf-train-checkpoint",
+        "args": json.dumps(asdict(a)),
+        "step": str(step),
+        "seconds": repr(seconds),
+        "param_groups": json.dumps(sd["param_groups"]),
+    }
+    save_file_atomic(tensors, path, meta)
+
+
+# Arguments that may change between an interrupted run and its resumption (flat names).
+RESUMABLE = {"resume", "max_minutes", "progress", "val_every", "ckpt_every", "device", "out", "bank_cache"}
+
+
+def load_checkpoint(
+    path: Path, loop: nn.Module, ema: list[torch.Tensor], opt, a: TrainArgs
+) -> tuple[int, float]:
+    """Restores what `save_checkpoint` wrote into `loop`, `ema`, `opt` and the torch RNG; returns
+    (step, training seconds). Refuses a checkpoint written with other arguments than `a` (other
+    than the `RESUMABLE` ones), naming them."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"checkpoint {path}: unreadable or corrupted ({e})") from None
+    if meta.get("format") != "ilf-train-checkpoint":
+        raise ValueError(f"checkpoint {path}: not an ilf training checkpoint")
+    saved, now = flat_args(json.loads(meta["args"])), flat_args(a)
+    diff = sorted(k for k, v in now.items() if k not in RESUMABLE and saved.get(k) != v)
+    if diff:
+        raise ValueError(
+            f"checkpoint {path} was written with different arguments: "
+            + ", ".join(f"{k}={saved.get(k)!r} (now {now[k]!r})" for k in diff)
+        )
+    with torch.no_grad():
+        for n, p in loop.named_parameters():
+            p.copy_(tensors[f"model.{n}"])
+        for n, e in zip([n for n, _ in loop.named_parameters()], ema):
+            e.copy_(tensors[f"ema.{n}"])
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    torch.set_rng_state(tensors["rng.torch"])
+    return int(meta["step"]), float(meta["seconds"])
+
+
+class StopFlag:
+    """SIGINT / SIGTERM ask the loop to stop after the current step (and checkpoint); a second
+    SIGINT interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:  # noqa: PYI034
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("stop requested: finishing this step and writing a checkpoint")
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def trim_log(path: Path, step: int) -> None:
+    """After a resume, drop the rows an interrupted run wrote after its last checkpoint."""
+    if not path.is_file():
+        return
+    with path.open() as f:
+        rows = list(csv.reader(f))
+    keep = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= step]
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows(keep)
+
+
+def append_row(path: Path, fields: list[str], row: dict[str, Any]) -> None:
+    """Appends one row to a CSV log, writing the header first if the file is new."""
+    new = not path.is_file()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerow(row)
