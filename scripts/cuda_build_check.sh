@@ -87,6 +87,13 @@ export CUDA_HOME
 
 # --- 1. venv with a CUDA torch ----------------------------------------------------------------
 cuda_torch() { "$1/bin/python" -c 'import torch, sys; sys.exit(torch.version.cuda is None)' >/dev/null 2>&1; }
+DEPS=(diffusers==0.42.1 safetensors numpy Pillow ninja setuptools wheel)
+# what the build (setuptools) and `import ilf_runtime` (diffusers and its dependencies) need
+missing_deps() {
+  "$1/bin/python" -c '
+import importlib.util as u
+print(" ".join(m for m in ("diffusers", "safetensors", "numpy", "PIL", "setuptools") if u.find_spec(m) is None))' 2>&1
+}
 if [ -n "${ILF_CUDA_VENV:-}" ]; then
   VENV=$ILF_CUDA_VENV
 else
@@ -95,6 +102,17 @@ else
 fi
 if [ -x "$VENV/bin/python" ] && cuda_torch "$VENV"; then
   say "reusing $VENV"
+  miss=$(missing_deps "$VENV")
+  if [ -n "$miss" ]; then
+    if [ ! -f "$VENV/.ilf_cuda_build_check" ]; then
+      echo "cuda_build_check: ILF_CUDA_VENV=$VENV lacks $miss; install ${DEPS[*]} into it, or point" \
+        "ILF_CUDA_VENV to a new folder" >&2
+      exit 2
+    fi
+    say "installing the missing $miss into $VENV"
+    timeout -k 30 "$T_INSTALL" "$VENV/bin/python" -m pip install -q --no-cache-dir "${DEPS[@]}" >>"$LOG" 2>&1 ||
+      skip "cannot install ${DEPS[*]} into $VENV: $(grep -E 'ERROR|Error|error' "$LOG" | tail -n 1 | cut -c1-200)"
+  fi
 else
   # Install only into a folder that is new, empty, or one this script created before (its marker
   # file): never into somebody's venv or a Python installation, which `python -m venv DIR` and
@@ -114,9 +132,9 @@ else
   say "installing $TORCH_REQ into $VENV (about 5.6 GB; limit ${T_INSTALL}s)"
   t=$(date +%s)
   timeout -k 30 "$T_INSTALL" bash -c '
-      "$0" -m venv "$1" && "$1/bin/python" -m pip install -q --no-cache-dir "$2" \
-        diffusers==0.42.1 safetensors numpy Pillow ninja setuptools wheel' \
-    "$PY" "$VENV" "$TORCH_REQ" >>"$LOG" 2>&1
+      py=$0 venv=$1; shift
+      "$py" -m venv "$venv" && "$venv/bin/python" -m pip install -q --no-cache-dir "$@"' \
+    "$PY" "$VENV" "$TORCH_REQ" "${DEPS[@]}" >>"$LOG" 2>&1
   rc=$?
   if [ "$rc" -ne 0 ]; then
     why=$(grep -E 'ERROR|Error|error' "$LOG" | tail -n 1 | cut -c1-200)
@@ -145,7 +163,8 @@ fi
 say "building (ILF_CUDA_BUILD=1; limit ${T_BUILD}s)"
 t=$(date +%s)
 echo "=== build" >>"$LOG"
-(cd "$SRC" && ILF_CUDA_BUILD=1 timeout -k 30 "$T_BUILD" "$VENV/bin/python" -m pip install -v --no-build-isolation \
+# the venv's bin first on PATH: torch's extension builder looks for `ninja` there
+(cd "$SRC" && PATH="$VENV/bin:$PATH" ILF_CUDA_BUILD=1 timeout -k 30 "$T_BUILD" "$VENV/bin/python" -m pip install -v --no-build-isolation \
   --no-deps --no-index --no-cache-dir --target "$WORK/site" .) >>"$LOG" 2>&1
 rc=$?
 { [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; } && fail "build ran past its limit of ${T_BUILD}s"
