@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ilf_runtime import load_model, sample
 from ilf_runtime.fashion.evaluate import MARKDOWN_HEADER, EvalArgs, evaluate, markdown_row
 from ilf_runtime.images import save_grid
-from ilf_runtime import load_model, sample
 
 RESULTS = Path(__file__).parent / "results"
 

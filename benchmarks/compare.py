@@ -3,7 +3,7 @@
     python benchmarks/compare.py [--model fashion-dit] [--weights fb.safetensors ...] [--per-class 200]
     torchrun --nproc-per-node 2 benchmarks/compare.py ...   # quality sampling sharded, timing on rank 0
 
-Same as `ilf bench`; the code lives in `ilf_runtime/bench.py` (`--help` lists every flag). Writes
+Same as `ilf bench`; the code lives in `ilf_runtime/bench/` (`--help` lists every flag). Writes
 STEM.csv, STEM.json, STEM.md, STEM_pareto.png and STEM_grid.png for `--out STEM`
 (default benchmarks/results/compare).
 """

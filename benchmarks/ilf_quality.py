@@ -50,11 +50,11 @@ def _row(name: str, out, ref_images, feats_fn, ref_sets, labels, subsets: int) -
 def main(argv: list[str] | None = None) -> int:
     import diffusers
 
-    from ilf_runtime.config import ILFConfig
-    from ilf_runtime.fashion.evaluate import reference_sets
-    from ilf_runtime.fashion.classifier import load_fashion_classifier
-    from ilf_runtime.metrics import extract
     from ilf_runtime import load_model, sample, shipped_weights
+    from ilf_runtime.config import ILFConfig
+    from ilf_runtime.fashion.classifier import load_fashion_classifier
+    from ilf_runtime.fashion.evaluate import reference_sets
+    from ilf_runtime.metrics import extract
     from ilf_runtime.weights import read_metadata
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

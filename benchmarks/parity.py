@@ -19,7 +19,7 @@ import diffusers
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.fixtures: the tiny models
-from tests.fixtures.parity import SCHEDULERS, dit_parity, pixart_parity  # noqa: E402
+from tests.fixtures.parity import SCHEDULERS, dit_parity, pixart_parity
 
 
 def _commit() -> str:

@@ -1,16 +1,9 @@
-"""Training-free caching baselines as reversible hooks on a DiT / PixArt transformer's blocks.
+"""Training-free caching baselines as reversible hooks on a supported transformer's blocks.
 
-This project's own implementations, each a set of diffusers `ModelHook`s on the instance's
-``transformer_blocks`` (or their attention / MLP sub-modules), never a class patch:
-
-- FORA (`ForaConfig`): every ``interval`` steps all blocks compute and each block's attention and
-  MLP outputs are kept; the steps in between reuse them, while norms, adaLN modulation and gates
-  are recomputed from the current input and timestep.
-- Delta-DiT (`DeltaDiTConfig`): the *delta* (output minus input) of a block range is kept and
-  added to the range's current input on cached steps; the rear range is cached in the early
-  steps, the front range in the late steps; refreshed every ``interval`` steps.
-- The ILF paper's caching baseline (`InnerReuseConfig`): every ``interval`` steps the inner range
-  runs; in between its *output* from the last full step is reused (DeepCache moved onto blocks).
+The methods by name, their configs and setting strings are in `ilf_runtime.cache_families`. FORA (`ForaConfig`), Delta-DiT (`DeltaDiTConfig`) and the ILF paper's caching
+baseline (`InnerReuseConfig`, DeepCache moved onto blocks) are this project's own implementations,
+each a set of diffusers `ModelHook`s on the instance's ``transformer_blocks`` (or their attention / MLP
+sub-modules), never a class patch.
 
 diffusers' own First-Block-Cache, TaylorSeer and MagCache run through their real code
 (`diffusers.hooks.apply_*`), with the cache context set per step by hand (private API in diffusers
@@ -33,110 +26,44 @@ import dataclasses
 import logging
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
 import torch
 from diffusers.hooks.hooks import CacheContext, HookRegistry, ModelHook, _set_cache_context
 from torch import nn
 
+from ilf_runtime.cache_families import (
+    FAMILIES,
+    CacheFamily,
+    DeltaDiTConfig,
+    ForaConfig,
+    InnerReuseConfig,
+    cache_config,
+    describe,
+    markdown_table,
+)
 from ilf_runtime.models import CACHE_ATTR, LOOP_ATTR, resolve
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "FAMILIES",
     "BlockEvalCounter",
     "Cache",
+    "CacheFamily",
     "DeltaDiTConfig",
     "ForaConfig",
     "InnerReuseConfig",
     "apply_cache",
+    "cache_config",
     "describe",
     "get_cache",
+    "markdown_table",
     "remove_cache",
 ]
 
 TAYLORSEER_IDENTIFIERS = [r"^transformer_blocks\.\d+\.attn1$", r"^transformer_blocks\.\d+\.attn2$"]
 TAYLORSEER_IDENTIFIERS.append(r"^transformer_blocks\.\d+\.ff$")
-
-
-@dataclass
-class ForaConfig:
-    """FORA (Selvaraju et al. 2024): static reuse of attention and MLP outputs.
-
-    Args:
-        interval: all blocks compute on steps 0, N, 2N, ...; the others reuse (1: never reuse).
-    """
-
-    interval: int = 2
-
-    def __post_init__(self) -> None:
-        if self.interval < 1:
-            raise ValueError(f"interval must be >= 1, got {self.interval}")
-
-
-@dataclass
-class DeltaDiTConfig:
-    """Delta-DiT (Chen et al. 2024): reuse of a block range's output-minus-input.
-
-    Args:
-        num_blocks: size of the cached range: the last ``num_blocks`` blocks in the early phase,
-            the first ``num_blocks`` in the late phase.
-        boundary: fraction of the steps (rounded) that make up the early phase.
-        interval: within each phase the range computes on its first step and every ``interval``-th
-            after it; the others add the cached delta (1: never reuse).
-    """
-
-    num_blocks: int = 6
-    boundary: float = 0.5
-    interval: int = 2
-
-    def __post_init__(self) -> None:
-        if self.num_blocks < 1 or self.interval < 1 or not 0.0 <= self.boundary <= 1.0:
-            raise ValueError(
-                f"need num_blocks >= 1, interval >= 1, 0 <= boundary <= 1; got {self.num_blocks}, "
-                f"{self.interval}, {self.boundary}"
-            )
-
-
-@dataclass
-class InnerReuseConfig:
-    """The ILF paper's caching baseline: reuse of an inner block range's output.
-
-    Args:
-        start: first block of the range.
-        end: last block of the range (inclusive).
-        interval: the range computes on steps 0, N, 2N, ...; in between its output from the last
-            full step replaces it (1: never reuse).
-    """
-
-    start: int = 1
-    end: int = 10
-    interval: int = 2
-
-    def __post_init__(self) -> None:
-        if self.start < 0 or self.end < self.start or self.interval < 1:
-            raise ValueError(
-                f"need 0 <= start <= end and interval >= 1, got {self.start}..{self.end}, {self.interval}"
-            )
-
-
-def describe(config: Any) -> tuple[str, str]:
-    """(method name, setting) of a cache config, for tables."""
-    name = type(config).__name__
-    if isinstance(config, ForaConfig):
-        return "fora", f"N={config.interval}"
-    if isinstance(config, DeltaDiTConfig):
-        return "delta-dit", f"k={config.num_blocks},b={config.boundary:g},N={config.interval}"
-    if isinstance(config, InnerReuseConfig):
-        return "inner-reuse", f"blocks {config.start}-{config.end},N={config.interval}"
-    if name == "FirstBlockCacheConfig":
-        return "first-block-cache", f"thr={config.threshold:g}"
-    if name == "TaylorSeerCacheConfig":
-        return "taylorseer", f"N={config.cache_interval},order={config.max_order}"
-    if name == "MagCacheConfig":
-        return "magcache", "calibrate" if config.calibrate else f"thr={config.threshold:g}"
-    raise TypeError(f"unknown cache config {name}")
 
 
 def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -466,7 +393,8 @@ class BlockEvalCounter:
     """Counts block evaluations that actually run under `module` (backbone and feedback blocks).
 
     A block's attention and MLP sub-modules each count as an equal share of one evaluation; a share
-    counts when the sub-module's first projection runs, so a reused or predicted output does not.
+    counts when the attention's output projection (not ``to_q``: the fused forward has one QKV matmul)
+    or the MLP's first projection runs, so a reused or predicted output does not.
     """
 
     def __init__(self, module: nn.Module):
@@ -479,9 +407,9 @@ class BlockEvalCounter:
                 continue
             subs = [s for s in (block.attn1, block.attn2, block.ff) if s is not None]
             for sub in subs:
-                proj = getattr(sub, "to_q", None) or next(
-                    m for m in sub.modules() if isinstance(m, nn.Linear)
-                )
+                out = getattr(sub, "to_out", None)
+                first = next(m for m in sub.modules() if isinstance(m, nn.Linear))
+                proj = out[0] if out is not None else first
                 self._handles.append(proj.register_forward_pre_hook(self._adder(len(subs))))
 
     @property

@@ -17,12 +17,11 @@ from typing import Any
 from ilf_runtime.cliargs import add_dataclass_arguments, from_namespace
 from ilf_runtime.fashion.evaluate import EvalArgs
 from ilf_runtime.registry import DTYPES
+from ilf_runtime.solvers import SOLVERS
 
 __all__ = ["COMMANDS", "EvalCommand", "InfoArgs", "SampleArgs", "build_parser", "main"]
 
 logger = logging.getLogger(__name__)
-
-SOLVERS = ("ddim", "dpmpp_2m")
 
 
 class UsageError(Exception):
@@ -84,7 +83,7 @@ class SampleArgs:
     prompt: list[str] = field(default_factory=list)
     prompt_embeds: str | None = None
     steps: int | None = field(default=None, metadata=POSITIVE)
-    solver: str | None = field(default=None, metadata={"choices": SOLVERS})
+    solver: str | None = field(default=None, metadata={"choices": tuple(SOLVERS)})
     guidance: float | None = None
     seed: int = 0
     loop_steps: str | None = None
@@ -111,7 +110,7 @@ class EvalCommand(EvalArgs):
     """
 
     steps: int | None = field(default=None, metadata=POSITIVE)
-    solver: str | None = field(default=None, metadata={"choices": SOLVERS})
+    solver: str | None = field(default=None, metadata={"choices": tuple(SOLVERS)})
     per_class: int = field(default=100, metadata=POSITIVE)
     subsets: int = field(default=5, metadata=POSITIVE)
     batch_size: int = field(default=250, metadata=POSITIVE)
@@ -136,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ilf_runtime.bench import add_arguments as add_bench_arguments
     from ilf_runtime.train import add_arguments as add_train_arguments
 
-    p = argparse.ArgumentParser(prog="ilf", description="Fast DiT / PixArt sampling with Inner Loop Feedback.")
+    p = argparse.ArgumentParser(
+        prog="ilf", description="Fast DiT / PixArt sampling with Inner Loop Feedback."
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, cls, short in (
@@ -144,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("eval", EvalCommand, "sample N images per class and measure FID, class accuracy, paired PSNR"),
         ("info", InfoArgs, "print a feedback weights file's metadata"),
     ):
-        add_dataclass_arguments(sub.add_parser(name, help=short, description=cls.__doc__.splitlines()[0]), cls)
+        add_dataclass_arguments(
+            sub.add_parser(name, help=short, description=cls.__doc__.splitlines()[0]), cls
+        )
     add_train_arguments(
         sub.add_parser(
             "train",
@@ -205,7 +208,9 @@ def cmd_sample(args: SampleArgs) -> int:
     adapter = model.adapter
     if adapter.class_conditional:
         if args.prompt or args.prompt_embeds:
-            raise UsageError(f"this is a class-conditional {adapter.transformer_class}: use --classes, not --prompt")
+            raise UsageError(
+                f"this is a class-conditional {adapter.transformer_class}: use --classes, not --prompt"
+            )
         num_classes = adapter.num_classes(model.transformer)
         classes = args.classes if args.classes is not None else list(range(min(num_classes, 10)))
         bad = [c for c in classes if not 0 <= c < num_classes]
@@ -215,7 +220,9 @@ def cmd_sample(args: SampleArgs) -> int:
         nrow_labels = classes
     else:
         if args.classes is not None:
-            raise UsageError(f"this is a text-to-image {adapter.transformer_class}: use --prompt or --prompt-embeds")
+            raise UsageError(
+                f"this is a text-to-image {adapter.transformer_class}: use --prompt or --prompt-embeds"
+            )
         if args.prompt_embeds:
             from ilf_runtime.models import load_prompt_embeds
 

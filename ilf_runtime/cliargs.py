@@ -127,7 +127,10 @@ def add_dataclass_arguments(
         if base is bool:
             if default is True:
                 parser.add_argument(
-                    "--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=f"do not {text}"
+                    "--no-" + f.name.replace("_", "-"),
+                    dest=f.name,
+                    action="store_false",
+                    help=f"do not {text}",
                 )
             else:
                 parser.add_argument(flag_name(f.name), action="store_true", help=text)

@@ -57,7 +57,9 @@ def unsupported_reason(block: nn.Module, adapter: ModelAdapter) -> str | None:
     if not isinstance(block, BasicTransformerBlock):
         return f"expected a BasicTransformerBlock, got {type(block).__name__}"
     if block.norm_type != adapter.norm_type:
-        return f"norm_type {block.norm_type!r} (a {adapter.transformer_class} block has {adapter.norm_type!r})"
+        return (
+            f"norm_type {block.norm_type!r} (a {adapter.transformer_class} block has {adapter.norm_type!r})"
+        )
     if block.pos_embed is not None or block.only_cross_attention or block.double_self_attention:
         return "positional embeddings, only_cross_attention and double_self_attention are not covered"
     if hasattr(block, "fuser"):
@@ -186,7 +188,9 @@ def _fusable_blocks(transformer: nn.Module) -> list[nn.Module]:
 
     blocks = list(transformer.transformer_blocks)
     seen = {id(b) for b in blocks}
-    return blocks + [m for m in transformer.modules() if isinstance(m, BasicTransformerBlock) and id(m) not in seen]
+    return blocks + [
+        m for m in transformer.modules() if isinstance(m, BasicTransformerBlock) and id(m) not in seen
+    ]
 
 
 def fuse_block(block: nn.Module, adapter: ModelAdapter) -> None:

@@ -19,7 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Gaussian", "TorchFeatures", "extract", "fid", "fid_from_features", "fid_with_spread", "paired_psnr"]
+__all__ = [
+    "Gaussian",
+    "TorchFeatures",
+    "extract",
+    "fid",
+    "fid_from_features",
+    "fid_with_spread",
+    "paired_psnr",
+]
+
 
 class TorchFeatures:
     """Adapts a user-supplied feature network (for example an Inception-v3 built and loaded from

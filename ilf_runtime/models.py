@@ -48,7 +48,12 @@ __all__ = [
 LOOP_ATTR = "ilf_loop"  # the `ilf.FeedbackLoop` submodule registered by `apply_ilf`
 CACHE_ATTR = "_ilf_cache"  # the `caches.Cache` of `apply_cache` (in __dict__, not a submodule)
 
-PROMPT_KEYS = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
+PROMPT_KEYS = (
+    "prompt_embeds",
+    "prompt_attention_mask",
+    "negative_prompt_embeds",
+    "negative_prompt_attention_mask",
+)
 
 
 @dataclass
@@ -102,7 +107,9 @@ class ModelAdapter:
             raise ValueError(f"{self.transformer_class}: expected non-empty transformer_blocks")
         got = getattr(blocks[0], "norm_type", None)
         if got != self.norm_type:
-            raise ValueError(f"{self.transformer_class}: expected blocks with norm_type {self.norm_type!r}, got {got!r}")
+            raise ValueError(
+                f"{self.transformer_class}: expected blocks with norm_type {self.norm_type!r}, got {got!r}"
+            )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -167,7 +174,11 @@ class ModelAdapter:
         raise NotImplementedError
 
     def modulation(
-        self, block: nn.Module, h: torch.Tensor, timestep: torch.Tensor | None, class_labels: torch.Tensor | None
+        self,
+        block: nn.Module,
+        h: torch.Tensor,
+        timestep: torch.Tensor | None,
+        class_labels: torch.Tensor | None,
     ) -> tuple[Sequence[torch.Tensor], Sequence[torch.Tensor | None], float, float]:
         """For the fused block forward: the six adaLN chunks (shift_msa, scale_msa, gate_msa,
         shift_mlp, scale_mlp, gate_mlp), each (B, D); the per-block table rows added to them in the
@@ -258,10 +269,14 @@ class PixArtAdapter(ModelAdapter):
         negative_prompt_attention_mask = items.get("negative_prompt_attention_mask")
         p = next(transformer.parameters())
         if prompt_embeds.ndim != 3:
-            raise ValueError(f"prompt_embeds must be (batch, tokens, channels), got {tuple(prompt_embeds.shape)}")
+            raise ValueError(
+                f"prompt_embeds must be (batch, tokens, channels), got {tuple(prompt_embeds.shape)}"
+            )
         want = self.caption_channels(transformer)
         if prompt_embeds.shape[-1] != want:
-            raise ValueError(f"prompt_embeds have {prompt_embeds.shape[-1]} channels, this transformer expects {want}")
+            raise ValueError(
+                f"prompt_embeds have {prompt_embeds.shape[-1]} channels, this transformer expects {want}"
+            )
         if prompt_attention_mask is None or prompt_attention_mask.shape != prompt_embeds.shape[:2]:
             got = None if prompt_attention_mask is None else tuple(prompt_attention_mask.shape)
             raise ValueError(f"prompt_attention_mask must be {tuple(prompt_embeds.shape[:2])}, got {got}")
@@ -269,7 +284,9 @@ class PixArtAdapter(ModelAdapter):
         emb, mask = prompt_embeds.to(p.device, p.dtype), prompt_attention_mask.to(p.device)
 
         if transformer.use_additional_conditions and (height is None or width is None):
-            raise ValueError(f"this {self.transformer_class} is conditioned on the image size: pass height and width")
+            raise ValueError(
+                f"this {self.transformer_class} is conditioned on the image size: pass height and width"
+            )
 
         def added(n: int) -> dict[str, Any]:
             if not transformer.use_additional_conditions:
@@ -278,7 +295,11 @@ class PixArtAdapter(ModelAdapter):
             ar = torch.tensor([float(height / width)], dtype=p.dtype, device=p.device).repeat(n, 1)
             return {"resolution": res, "aspect_ratio": ar}
 
-        unguided = {"encoder_hidden_states": emb, "encoder_attention_mask": mask, "added_cond_kwargs": added(b)}
+        unguided = {
+            "encoder_hidden_states": emb,
+            "encoder_attention_mask": mask,
+            "added_cond_kwargs": added(b),
+        }
         guided = None
         if negative_prompt_embeds is not None:
             if negative_prompt_embeds.shape != prompt_embeds.shape or negative_prompt_attention_mask is None:
@@ -302,7 +323,9 @@ class PixArtAdapter(ModelAdapter):
             raise ValueError("PixArt models need prompts or a prompt embeddings file")
         emb = d["prompt_embeds"]
         out = {"prompt_embeds": emb}
-        out["prompt_attention_mask"] = d.get("prompt_attention_mask", torch.ones(emb.shape[:2], dtype=torch.long))
+        out["prompt_attention_mask"] = d.get(
+            "prompt_attention_mask", torch.ones(emb.shape[:2], dtype=torch.long)
+        )
         neg, neg_mask = d.get("negative_prompt_embeds"), d.get("negative_prompt_attention_mask")
         if neg is not None:
             if neg_mask is None:
@@ -327,7 +350,9 @@ class PixArtAdapter(ModelAdapter):
         if guided and "negative_prompt_embeds" not in d:
             raise ValueError("guidance needs negative_prompt_embeds when prompt_embeds are given")
         if "negative_prompt_embeds" in d and "negative_prompt_attention_mask" not in d:
-            d["negative_prompt_attention_mask"] = torch.ones(d["negative_prompt_embeds"].shape[:2], dtype=torch.long)
+            d["negative_prompt_attention_mask"] = torch.ones(
+                d["negative_prompt_embeds"].shape[:2], dtype=torch.long
+            )
         return d
 
     def guided_eps(self, out: torch.Tensor, guided: bool, scale: float, c_lat: int) -> torch.Tensor:
@@ -413,7 +438,9 @@ def load_prompt_embeds(path: str | PathLike) -> dict[str, torch.Tensor]:
         raise ValueError(f"prompt embeddings {path}: no 'prompt_embeds' tensor (found {sorted(d)})")
     unknown = sorted(set(d) - set(PROMPT_KEYS))
     if unknown:
-        raise ValueError(f"prompt embeddings {path}: unexpected tensors {unknown}; expected {', '.join(PROMPT_KEYS)}")
+        raise ValueError(
+            f"prompt embeddings {path}: unexpected tensors {unknown}; expected {', '.join(PROMPT_KEYS)}"
+        )
     return d
 
 
@@ -421,7 +448,11 @@ def encode_prompts(model: Any, prompts: list[str], negative_prompt: str, guided:
     """(prompt_embeds, mask, negative_prompt_embeds, negative mask) through the pipeline's own text
     encoder (`encode_prompt` of the diffusers PixArt pipelines)."""
     pipe = model.pipeline
-    if pipe is None or getattr(pipe, "text_encoder", None) is None or getattr(pipe, "tokenizer", None) is None:
+    if (
+        pipe is None
+        or getattr(pipe, "text_encoder", None) is None
+        or getattr(pipe, "tokenizer", None) is None
+    ):
         raise ValueError("text prompts need a pipeline with a text encoder; pass prompt_embeds instead")
     with torch.no_grad():
         return pipe.encode_prompt(prompts, guided, negative_prompt=negative_prompt, device=model.device)

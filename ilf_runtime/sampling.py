@@ -25,7 +25,7 @@ from ilf_runtime.models import Conditioning, ModelAdapter
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["denoise", "make_noise", "predict"]
+__all__ = ["LoopSpec", "denoise", "make_noise", "predict", "run_steps"]
 
 
 def make_noise(
@@ -43,12 +43,12 @@ def predict(
     channels at timestep `t` (a 0-dim or (B,) tensor). Differentiable; the trainer calls it too."""
     guided = guidance_scale > 1.0
     c_lat = transformer.config.in_channels
-    spec = _LoopSpec(cond.adapter, guided, float(guidance_scale), (), c_lat)
+    spec = LoopSpec(cond.adapter, guided, float(guidance_scale), (), c_lat)
     return _model_eps(transformer, x, t, cond.kwargs(guided), spec)
 
 
 def _model_eps(
-    transformer: nn.Module, x: torch.Tensor, t: torch.Tensor, kwargs: dict[str, Any], spec: _LoopSpec
+    transformer: nn.Module, x: torch.Tensor, t: torch.Tensor, kwargs: dict[str, Any], spec: LoopSpec
 ) -> torch.Tensor:
     x_in = torch.cat([x, x]) if spec.guided else x  # (2B or B, C, H, W)
     out = transformer(x_in, timestep=t.expand(x_in.shape[0]), return_dict=False, **kwargs)[0]
@@ -87,7 +87,9 @@ def denoise(
             graph-capturable.
     """
     if not cond.adapter.matches(transformer):
-        raise ValueError(f"the conditioning was built for a {cond.adapter.transformer_class}, not a {type(transformer).__name__}")
+        raise ValueError(
+            f"the conditioning was built for a {cond.adapter.transformer_class}, not a {type(transformer).__name__}"
+        )
     n = solver.num_steps
     c_lat = transformer.config.in_channels
     c_out = transformer.out_channels
@@ -99,10 +101,10 @@ def denoise(
     mask = [True] * n if loop_mask is None else [bool(m) for m in loop_mask]
     if len(mask) != n:
         raise ValueError(f"loop_mask has {len(mask)} entries for {n} steps")
-    spec = _LoopSpec(cond.adapter, guided, float(guidance_scale), tuple(mask), c_lat)
+    spec = LoopSpec(cond.adapter, guided, float(guidance_scale), tuple(mask), c_lat)
 
     if not cuda_graph:
-        return _run_steps(transformer, noise, solver, cond.kwargs(guided), spec, on_step, before_step)
+        return run_steps(transformer, noise, solver, cond.kwargs(guided), spec, on_step, before_step)
     if before_step is not None:
         raise ValueError(
             "before_step (cache hooks) cannot run inside a captured CUDA graph; use cuda_graph=False"
@@ -116,7 +118,7 @@ def denoise(
     from ilf_runtime import graphs
 
     def fn(x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-        return _run_steps(transformer, x, solver, kwargs, spec)
+        return run_steps(transformer, x, solver, kwargs, spec)
 
     x = graphs.run_loop(transformer, fn, noise, cond.kwargs(guided), solver, spec)
     for i in range(n if on_step is not None else 0):
@@ -125,7 +127,7 @@ def denoise(
 
 
 @dataclass(frozen=True)
-class _LoopSpec:
+class LoopSpec:
     """The Python values the step loop branches on (fixed per loop; part of a graph's key)."""
 
     adapter: ModelAdapter
@@ -135,16 +137,17 @@ class _LoopSpec:
     c_lat: int
 
 
-def _run_steps(
+def run_steps(
     transformer: nn.Module,
     x: torch.Tensor,
     solver: Any,
     kwargs: dict[str, Any],
-    spec: _LoopSpec,
+    spec: LoopSpec,
     on_step: Callable[[int], None] | None = None,
     before_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """The step loop: no host sync, no branch on a tensor value (so it can be captured whole)."""
+    """The step loop with everything fixed by `spec` (what `denoise` runs, eagerly or inside a CUDA
+    graph): no host sync, no branch on a tensor value, so it can be captured whole."""
     n = solver.num_steps
     loop = get_ilf(transformer)
     state = solver.init_state()

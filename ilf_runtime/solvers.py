@@ -31,7 +31,7 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DDIMSolver", "DPMSolverPP2M", "Solver", "SolverState", "make_solver"]
+__all__ = ["SOLVERS", "DDIMSolver", "DPMSolverPP2M", "Solver", "SolverState", "dynamic_threshold", "make_solver"]
 
 # Config keys that shape the noise schedule and grid; recorded by describe().
 _COMMON_KEYS = (
@@ -139,7 +139,7 @@ class Solver:
             raise IndexError(f"step index {i} out of range for a {self.num_steps}-step {self.name} solver")
 
     def _threshold(self, x0: Tensor) -> Tensor:
-        return _dynamic_threshold(
+        return dynamic_threshold(
             x0, self.config["dynamic_thresholding_ratio"], self.config["sample_max_value"]
         )
 
@@ -324,7 +324,8 @@ class DPMSolverPP2M(Solver):
         return out.to(x.dtype)
 
 
-_SOLVERS: dict[str, tuple[str, type[Solver]]] = {
+# solver name -> (the diffusers scheduler class it reproduces, its class); the names flags accept
+SOLVERS: dict[str, tuple[str, type[Solver]]] = {
     "ddim": ("DDIMScheduler", DDIMSolver),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", DPMSolverPP2M),
 }
@@ -358,7 +359,7 @@ def make_solver(
         raise TypeError(f"expected a diffusers scheduler or its config dict, got {got}")
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
-    by_class = {c: name for name, (c, _) in _SOLVERS.items()}
+    by_class = {c: name for name, (c, _) in SOLVERS.items()}
     if solver is None:
         if cls_name is None:
             raise ValueError("config has no '_class_name'; pass solver='ddim' or solver='dpmpp_2m'")
@@ -366,9 +367,9 @@ def make_solver(
             supported = ", ".join(f"{c} -> {n!r}" for c, n in by_class.items())
             raise ValueError(f"cannot infer a solver for scheduler class {cls_name!r}; supported {supported}")
         solver = by_class[cls_name]
-    if solver not in _SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; expected one of {sorted(_SOLVERS)}")
-    target_cls_name, solver_cls = _SOLVERS[solver]
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; expected one of {sorted(SOLVERS)}")
+    target_cls_name, solver_cls = SOLVERS[solver]
 
     import diffusers  # deferred: importing the runtime should not pull in diffusers
 
@@ -390,7 +391,7 @@ def _vp_alpha_sigma(ve_sigma: Tensor) -> tuple[Tensor, Tensor]:
     return alpha, ve_sigma * alpha
 
 
-def _dynamic_threshold(x0: Tensor, ratio: float, max_value: float) -> Tensor:
+def dynamic_threshold(x0: Tensor, ratio: float, max_value: float) -> Tensor:
     """Imagen dynamic thresholding: per sample, s = quantile(|x0|, ratio) clamped to [1, max_value]; x0 is
     clamped to [-s, s] and divided by s.
 

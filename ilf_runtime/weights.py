@@ -55,7 +55,9 @@ def _backbone_config(transformer: nn.Module) -> dict[str, Any]:
 
 def backbone_fingerprint(transformer: nn.Module) -> str:
     """sha256 of the backbone class, config and parameter shapes (ILF's own parameters excluded)."""
-    shapes = [(n, list(p.shape)) for n, p in transformer.named_parameters() if not n.startswith(LOOP_ATTR + ".")]
+    shapes = [
+        (n, list(p.shape)) for n, p in transformer.named_parameters() if not n.startswith(LOOP_ATTR + ".")
+    ]
     blob = json.dumps(
         {"class": type(transformer).__name__, "config": _backbone_config(transformer), "params": shapes},
         sort_keys=True,

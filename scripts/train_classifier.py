@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ilf_runtime.fashion.data import load_fashion_mnist, to_model_range
 from ilf_runtime.fashion.classifier import CLASSIFIER_DIR, FashionClassifier
+from ilf_runtime.fashion.data import load_fashion_mnist, to_model_range
 
 
 def shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -33,7 +33,9 @@ def _imports(name: str, path: Path) -> list[tuple[str, list[str]]]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(pkg.split(".")[: len(pkg.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    pkg.split(".")[: len(pkg.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             names = [a.name for a in node.names]
             found.append((base, names))
     return found
@@ -85,7 +87,9 @@ def test_facade_is_not_imported_from_below():
             continue
         for mod, names in _imports(name, path):
             if mod == "ilf_runtime":
-                assert all(f"ilf_runtime.{n}" in MODULES for n in names), f"{name} imports {names} from the facade"
+                assert all(f"ilf_runtime.{n}" in MODULES for n in names), (
+                    f"{name} imports {names} from the facade"
+                )
 
 
 def test_no_private_names_across_modules():

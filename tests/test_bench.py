@@ -16,8 +16,9 @@ import torch.distributed as dist
 from conftest import tiny_dit
 
 from ilf_runtime import ILFConfig, apply_ilf, save_ilf_weights
-from ilf_runtime._bench_report import _frontier, summarize
-from ilf_runtime.bench import DEFAULT_SHIPPED, BenchArgs, Row, _weights_files, default_rows
+from ilf_runtime.bench import DEFAULT_SHIPPED, BenchArgs, Row, default_rows, weights_files
+from ilf_runtime.bench.plots import frontier
+from ilf_runtime.bench.report import summarize
 from ilf_runtime.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,17 +51,18 @@ def _common(model_dir: str) -> list[str]:
 def test_harness_end_to_end_writes_every_file(tiny_setup, capsys, monkeypatch):
     d, model_dir, weights = tiny_setup
     # the commit is recorded as it was when the run started, not when it ended
-    from ilf_runtime import _bench_report, bench
+    from ilf_runtime.bench import report as bench_report
+    from ilf_runtime.bench import run as bench_run
 
-    real_git, real_time_rows, timing = _bench_report._git, bench.time_rows, []
+    real_git, real_time_rows, timing = bench_report.git, bench_run.time_rows, []
 
     def time_rows(*args, **kw):
         timing.append(True)
         return real_time_rows(*args, **kw)
 
-    monkeypatch.setattr(bench, "time_rows", time_rows)
+    monkeypatch.setattr(bench_run, "time_rows", time_rows)
     monkeypatch.setattr(
-        _bench_report, "_git", lambda *a: "a commit made during the run" if timing else real_git(*a)
+        bench_report, "git", lambda *a: "a commit made during the run" if timing else real_git(*a)
     )
     out = d / "cmp"
     args = ["bench", *_common(model_dir), "--weights", weights, "--methods", "plain,ilf,fora"]
@@ -156,14 +158,14 @@ def test_default_rows_cover_the_issue(tiny_setup):
     from ilf_runtime.registry import ASSETS, SHIPPED_WEIGHTS
 
     shipped = [ASSETS / "fashion-dit" / SHIPPED_WEIGHTS["fashion-dit"][k] for k in DEFAULT_SHIPPED]
-    files, notes = _weights_files(BenchArgs())
+    files, notes = weights_files(BenchArgs())
     assert files == [str(p) for p in shipped if p.is_file()]
     assert len(notes) == sum(not p.is_file() for p in shipped)
-    assert _weights_files(BenchArgs(weights=[weights])) == ([weights], [])
+    assert weights_files(BenchArgs(weights=[weights])) == ([weights], [])
     # shipped[:NAME] names a built-in model's own files, as in `ilf sample --weights`
-    assert _weights_files(BenchArgs(weights=["shipped:aggressive"])) == ([str(shipped[1])], [])
+    assert weights_files(BenchArgs(weights=["shipped:aggressive"])) == ([str(shipped[1])], [])
     with pytest.raises(FileNotFoundError, match="weights 'shipped:nope'"):
-        _weights_files(BenchArgs(weights=["shipped:nope"]))
+        weights_files(BenchArgs(weights=["shipped:nope"]))
     with pytest.raises(ValueError, match="fora setting"):
         default_rows(BenchArgs(methods="fora", sweep=["fora=x"]), [])
 
@@ -306,8 +308,8 @@ def test_summary_names_a_level_competitor_just_past_the_band():
 
 def test_frontier():
     xs, ys = [1.0, 2.0, 3.0, 4.0, 2.5], [10.0, 8.0, 9.0, 5.0, 7.0]
-    assert _frontier(xs, ys, lower_better=True) == [0, 1, 4, 3]
-    assert _frontier(xs, ys, lower_better=False) == [0]
+    assert frontier(xs, ys, lower_better=True) == [0, 1, 4, 3]
+    assert frontier(xs, ys, lower_better=False) == [0]
 
 
 def test_grid_only_main_job(tiny_setup, capsys):
@@ -325,3 +327,76 @@ def test_grid_only_main_job(tiny_setup, capsys):
     with pytest.raises(SystemExit) as e:
         main([*args, "--out", str(d / "h")])
     assert e.value.code == 2  # no weights: a one-line usage error
+
+
+def _fused_blocks(transformer) -> int:
+    from diffusers.models.attention import BasicTransformerBlock
+
+    from ilf_runtime.fused import is_fused
+
+    return sum(is_fused(m) for m in transformer.modules() if isinstance(m, BasicTransformerBlock))
+
+
+def test_fused_rows_equal_eager_rows_interleaved(tiny_setup):
+    """--fused-rows: each plain and ILF row gets a fused twin, fused for its own run only; the twins'
+    images equal the eager rows' to float tolerance, at the same counted block evaluations."""
+    from ilf_runtime.bench.run import Runner, load_bench_model, time_rows
+
+    _, model_dir, weights = tiny_setup
+    a = BenchArgs(model=model_dir, methods="plain,ilf", solvers="ddim", plain_steps="3", ref_steps=4)
+    eager_only = default_rows(a, [weights])
+    a.fused_rows = True
+    rows = default_rows(a, [weights])
+    assert [(r.method, r.steps, r.fused) for r in rows] == [
+        ("plain", 4, False), ("plain", 4, True), ("plain", 3, False), ("plain", 3, True),
+        ("ilf", 4, False), ("ilf", 4, True),
+    ]  # fmt: skip
+    assert [r for r in rows if not r.fused] == eager_only
+    assert rows[1].label == "plain fused ddim 4 steps"
+    assert rows[5].label == "ilf fb loop last:2; fused ddim 4 steps"
+    assert rows[0].is_ref and not rows[1].is_ref  # PSNR and speed-up stay against the eager row
+    model = load_bench_model(a)
+    t = model.transformer
+    runner = Runner(model, {"class_labels": torch.tensor([0, 3, 7, 9])}, [0, 1, 2, 3], None)
+    for eager, fused in zip(rows[::2], rows[1::2]):
+        with runner.attached(fused):
+            assert _fused_blocks(t) == LAYERS + (fused.weights is not None)  # the feedback block too
+        assert _fused_blocks(t) == 0
+        want, evals = runner.quality_images(eager, [range(4)])
+        got, fused_evals = runner.quality_images(fused, [range(4)])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert fused_evals == evals  # the counter sees the fused forward's attention
+    assert len(time_rows(runner, rows, range(2), 1)) == len(rows)
+    assert _fused_blocks(t) == 0 and not hasattr(t, "ilf_loop")
+
+
+def test_fused_model_and_fused_rows_end_to_end(tiny_setup, tmp_path, capsys):
+    from ilf_runtime.bench.run import load_bench_model
+    from ilf_runtime.fused import has_fused_blocks
+
+    _, model_dir, weights = tiny_setup
+    with pytest.raises(ValueError, match="plain and ILF rows only"):
+        default_rows(BenchArgs(model=model_dir, fused=True), [weights])
+    with pytest.raises(ValueError, match="exclusive"):
+        BenchArgs(model=model_dir, methods="plain,ilf", fused=True, fused_rows=True)
+    assert has_fused_blocks(load_bench_model(BenchArgs(model=model_dir, methods="plain,ilf", fused=True)))
+    # the report of a run with fused rows: twins side by side, rebuilt by --report-only
+    stem = tmp_path / "fr"
+    args = ["bench", *_common(model_dir), "--weights", weights, "--methods", "plain,ilf", "--fused-rows"]
+    assert main([*args, "--plain-steps", "3", "--grid-per-class", "0", "--out", str(stem)]) == 0
+    with open(tmp_path / "fr.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], r["setting"], int(r["steps"])) for r in rows] == [
+        ("plain", "", 6), ("plain", "fused", 6), ("plain", "", 3), ("plain", "fused", 3),
+        ("ilf", "fb loop last:2", 4), ("ilf", "fb loop last:2; fused", 4),
+    ]  # fmt: skip
+    assert rows[0]["ref"] == "self" and float(rows[1]["psnr"]) > 60  # fused against eager: rounding only
+    for eager, fused in zip(rows[::2], rows[1::2]):
+        assert eager["block_evals_per_image"] == fused["block_evals_per_image"]
+    md = (tmp_path / "fr.md").read_text()
+    (tmp_path / "fr.md").unlink()
+    assert main(["bench", "--report-only", "--out", str(stem)]) == 0
+    assert (tmp_path / "fr.md").read_text() == md
+    specs = json.loads((tmp_path / "fr.json").read_text())["row_specs"]
+    assert [s.get("fused", False) for s in specs] == [False, True] * 3
+    assert "fused" not in specs[0]  # a row without it is recorded as before the field existed

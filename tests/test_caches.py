@@ -163,10 +163,9 @@ def test_ilf_with_cache_skips_only_unlooped_steps():
 
 
 def test_before_step_sees_every_step_and_its_timestep():
-    from tests.fixtures.tiny import ddim_scheduler
     from ilf_runtime.sampling import denoise
-    from tests.fixtures.tiny import dit_cond
     from ilf_runtime.solvers import make_solver
+    from tests.fixtures.tiny import ddim_scheduler, dit_cond
 
     model = tiny_dit(num_layers=2)
     solver = make_solver(ddim_scheduler(), 5)
@@ -197,3 +196,37 @@ def test_errors():
         apply_cache(model, MagCacheConfig(mag_ratios=[1.0] * 4, num_inference_steps=4), num_steps=STEPS)
     with pytest.raises(ValueError, match="interval"):
         ForaConfig(0)
+
+
+def test_families_parse_and_describe_their_settings():
+    from ilf_runtime.caches import FAMILIES, cache_config, describe
+
+    names = ["fora", "delta-dit", "inner-reuse", "first-block-cache", "taylorseer", "magcache"]
+    assert list(FAMILIES) == names
+    for name, fam in FAMILIES.items():
+        for spec in fam.default_sweep.split(","):
+            cfg = cache_config(name, spec, dtype=F32, mag_ratios=[1.0] * STEPS)
+            assert isinstance(cfg, fam.config_class) and describe(cfg)[0] == name
+    assert describe(cache_config("delta-dit", "8:0.5:3", dtype=F32)) == ("delta-dit", "k=8,b=0.5,N=3")
+    assert describe(cache_config("inner-reuse", "2-9:2", dtype=F32)) == ("inner-reuse", "blocks 2-9,N=2")
+    assert describe(cache_config("magcache", "0.1", dtype=F32)) == ("magcache", "calibrate")
+    ts = cache_config("taylorseer", "3:2", dtype=torch.float16)
+    assert (ts.cache_interval, ts.max_order, ts.taylor_factors_dtype) == (3, 2, torch.float16)
+    with pytest.raises(ValueError, match=r"delta-dit setting '6:0.5': expected K:BOUNDARY:N"):
+        cache_config("delta-dit", "6:0.5", dtype=F32)
+    with pytest.raises(ValueError, match="unknown cache family 'teacache'"):
+        cache_config("teacache", "1", dtype=F32)
+
+
+def test_readme_table_lists_the_families():
+    """README.md's table of cache methods is `caches.markdown_table()`: every family of
+    `caches.FAMILIES`, with its description, and no other."""
+    from pathlib import Path
+
+    from ilf_runtime.caches import FAMILIES, markdown_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = [ln for ln in readme.splitlines() if ln.startswith("| `") and ln.count("|") == 5]
+    listed = {ln.split("|")[1].strip().strip("`"): ln.split("|")[2].strip() for ln in rows}
+    assert listed == {name: f.description for name, f in FAMILIES.items()}
+    assert markdown_table() in readme, "paste caches.markdown_table() into README.md"

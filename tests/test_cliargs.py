@@ -24,7 +24,13 @@ def _arg_classes() -> dict[str, type]:
     from ilf_runtime.bench import BenchArgs
     from ilf_runtime.train import TrainArgs
 
-    return {"sample": SampleArgs, "eval": EvalCommand, "info": InfoArgs, "train": TrainArgs, "bench": BenchArgs}
+    return {
+        "sample": SampleArgs,
+        "eval": EvalCommand,
+        "info": InfoArgs,
+        "train": TrainArgs,
+        "bench": BenchArgs,
+    }
 
 
 def _leaves(cls: type, prefix: tuple[str, ...] = ()):
@@ -70,7 +76,6 @@ REQUIRED = {"sample": ["--model", "tiny-random"], "info": ["f.safetensors"]}
 def test_every_flag_reaches_its_field(command):
     parser = build_parser()
     cls = _arg_classes()[command]
-    handler, direct = COMMANDS[command]
     checked = 0
     for path, f, t in _leaves(cls):
         if t is bool:
@@ -80,7 +85,11 @@ def test_every_flag_reaches_its_field(command):
         else:
             tokens, expected = _value(f, t)
             tokens = tokens if f.metadata.get("positional") else [cliargs.flag_name(f.name), *tokens]
-        argv = [command, *[t for t in REQUIRED.get(command, []) if not (f.metadata.get("positional"))], *tokens]
+        argv = [
+            command,
+            *[t for t in REQUIRED.get(command, []) if not (f.metadata.get("positional"))],
+            *tokens,
+        ]
         if f.name == "model" and command == "sample":
             argv = [command, *tokens]
         ns = parser.parse_args(argv)
@@ -102,7 +111,9 @@ def test_every_flag_reaches_its_field(command):
 def test_train_guidance_is_a_float():
     from ilf_runtime.train import args_from_namespace
 
-    a = args_from_namespace(build_parser().parse_args(["train", "--guidance", "4", "--preset", "fashion-dit"]))
+    a = args_from_namespace(
+        build_parser().parse_args(["train", "--guidance", "4", "--preset", "fashion-dit"])
+    )
     assert a.guidance == 4.0 and isinstance(a.guidance, float)
     assert a.loop.loop_start == 5  # from the preset
 
@@ -133,7 +144,8 @@ def test_helper_types_defaults_and_help():
     a = cliargs.from_namespace(Args, p.parse_args([]))
     assert a == Args()
     a = cliargs.from_namespace(
-        Args, p.parse_args(["--count", "5", "--scale", "4", "--names", "a", "--names", "b", "--fast", "--no-slow"])
+        Args,
+        p.parse_args(["--count", "5", "--scale", "4", "--names", "a", "--names", "b", "--fast", "--no-slow"]),
     )
     assert (a.count, a.scale, a.names, a.fast, a.slow) == (5, 4.0, ["a", "b"], True, False)
     assert isinstance(a.scale, float)

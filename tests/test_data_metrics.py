@@ -9,8 +9,8 @@ import struct
 import pytest
 import torch
 
-from ilf_runtime.fashion.data import load_fashion_mnist, read_idx, to_model_range
 from ilf_runtime.fashion.classifier import CLASSIFIER_DIR, class_accuracy, load_fashion_classifier
+from ilf_runtime.fashion.data import load_fashion_mnist, read_idx, to_model_range
 from ilf_runtime.metrics import Gaussian, fid_from_features, fid_with_spread, paired_psnr
 
 

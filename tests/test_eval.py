@@ -9,8 +9,8 @@ import torch
 from conftest import tiny_dit
 
 from ilf_runtime.cli import main
-from ilf_runtime.fashion.evaluate import EvalArgs, evaluate
 from ilf_runtime.fashion.classifier import CLASSIFIER_DIR
+from ilf_runtime.fashion.evaluate import EvalArgs, evaluate
 from ilf_runtime.registry import MODEL_NAMES, load_model
 
 

@@ -18,8 +18,8 @@ from ilf_runtime.fused import (
 )
 from ilf_runtime.models import adapter_for
 from ilf_runtime.sampling import denoise, make_noise
-from tests.fixtures.tiny import dit_cond, pixart_cond
 from ilf_runtime.solvers import make_solver
+from tests.fixtures.tiny import dit_cond, pixart_cond
 
 # fp32: the fused path reorders a few roundings (one QKV matmul, fma epilogues), nothing more
 TOL = {"rtol": 1e-5, "atol": 2e-5}

@@ -9,13 +9,13 @@ from conftest import ddim_scheduler, dpm_scheduler, prompt_inputs, tiny_dit, tin
 from ilf_runtime import ILFConfig, apply_ilf, graphs, sample
 from ilf_runtime.fused import apply_fused_blocks
 from ilf_runtime.sampling import (
-    _LoopSpec,
-    _run_steps,
+    LoopSpec,
     denoise,
     make_noise,
+    run_steps,
 )
-from tests.fixtures.tiny import dit_cond, pixart_cond
 from ilf_runtime.solvers import make_solver
+from tests.fixtures.tiny import dit_cond, pixart_cond
 
 
 def _setup(kind: str, device="cpu", dtype=torch.float32, batch=2, ilf=True, fused=False):
@@ -37,10 +37,10 @@ def _setup(kind: str, device="cpu", dtype=torch.float32, batch=2, ilf=True, fuse
 
 def _static_run(model, noise, solver, cond, guidance=3.0, mask=(False, True, True)):
     """What denoise(cuda_graph=True) does, without the capture: the static-buffer runner."""
-    spec = _LoopSpec(cond.adapter, True, guidance, tuple(mask), model.config.in_channels)
+    spec = LoopSpec(cond.adapter, True, guidance, tuple(mask), model.config.in_channels)
 
     def fn(x, kwargs):
-        return _run_steps(model, x, solver, kwargs, spec)
+        return run_steps(model, x, solver, kwargs, spec)
 
     return graphs.run_loop(model, fn, noise, cond.kwargs(True), solver, spec, capture=False)
 
@@ -101,9 +101,7 @@ def test_cache_reuses_and_rebuilds_only_on_new_key():
     assert cache.builds == 3
     _static_run(model, noise, make_solver(sched, 4), cond, mask=(False,) * 4)  # steps
     assert cache.builds == 4
-    _static_run(
-        model, make_noise([0, 1, 2], (4, 8, 8)), make_solver(sched, 3), dit_cond(model, [1, 2, 3])
-    )
+    _static_run(model, make_noise([0, 1, 2], (4, 8, 8)), make_solver(sched, 3), dit_cond(model, [1, 2, 3]))
     assert cache.builds == 5 and len(cache.entries) == cache.max_entries  # batch; oldest dropped
     _static_run(model, noise, make_solver(ddim_scheduler(timestep_spacing="trailing"), 3), cond)  # schedule
     assert cache.builds == 6

@@ -83,7 +83,7 @@ def test_pixart_conditioning_and_guidance_split():
 
 def test_condition_set(tmp_path):
     pix = to_model(tiny_pixart())
-    emb, mask, neg, nmask = prompt_inputs(3)
+    emb, _, neg, _ = prompt_inputs(3)
     f = tmp_path / "emb.safetensors"
     save_file({"prompt_embeds": emb, "negative_prompt_embeds": neg[:1]}, str(f))
     items = pix.adapter.condition_set(pix, prompt_embeds=f)

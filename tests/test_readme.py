@@ -13,7 +13,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def _python_block(after: str) -> str:
     text = README.read_text()
     section = text[text.index(after) :]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
 
 
 def test_public_api_example_runs(tmp_path, monkeypatch):
@@ -23,7 +23,7 @@ def test_public_api_example_runs(tmp_path, monkeypatch):
         pytest.skip("the bundled model's shipped weights are not in this checkout")
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
-    exec(compile(_python_block("## Public API"), "README.md", "exec"), scope)
+    exec(compile(_python_block("## Public API"), "README.md", "exec"), scope)  # noqa: S102 - the point of the test
     ilf = scope["ilf"]
     assert tuple(scope["out"].images.shape) == (2, 1, 16, 16)
     assert (tmp_path / "fb.safetensors").is_file()

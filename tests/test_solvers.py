@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
-from ilf_runtime.solvers import SolverState, make_solver
+from ilf_runtime.solvers import make_solver
 
 SHAPE = (2, 4, 8, 8)
 TOL = 1e-5
@@ -201,10 +201,10 @@ def test_errors():
 
 @pytest.mark.parametrize("shape", [(2, 4, 8, 8), (3, 5, 7), (1, 1, 1)])
 def test_dynamic_threshold_matches_diffusers(shape):
-    from ilf_runtime.solvers import _dynamic_threshold
+    from ilf_runtime.solvers import dynamic_threshold
 
     sched = DDIMScheduler(thresholding=True, dynamic_thresholding_ratio=0.95, sample_max_value=4.0)
     x0 = 3 * torch.randn(shape, generator=torch.Generator().manual_seed(3))
-    ours = _dynamic_threshold(x0, 0.95, 4.0)
+    ours = dynamic_threshold(x0, 0.95, 4.0)
     diff = (ours - sched._threshold_sample(x0)).abs().max().item()
     assert diff <= 1e-6, f"max abs diff {diff:.3e}"

@@ -73,7 +73,6 @@ def load_fashion_classifier(path: str | Path | None = None) -> FashionClassifier
     return model.eval()
 
 
-
 @torch.no_grad()
 def class_accuracy(
     classifier: FashionClassifier, images: torch.Tensor, labels: torch.Tensor, batch: int = 1000

@@ -8,6 +8,7 @@ from typing import Any
 
 from ilf_runtime.cliargs import add_dataclass_arguments, from_namespace
 from ilf_runtime.config import ILFConfig
+from ilf_runtime.solvers import SOLVERS
 
 __all__ = ["PRESETS", "TARGETS", "TrainArgs", "add_arguments", "args_from_namespace", "flat_args"]
 
@@ -63,7 +64,7 @@ class TrainArgs:
     loop: ILFConfig = field(default_factory=lambda: ILFConfig(loop_start=4, loop_end=6, loop_steps="last:5"))
     steps: int = 10
     teacher_steps: int = 20
-    solver: str | None = field(default=None, metadata={"choices": ("ddim", "dpmpp_2m")})
+    solver: str | None = field(default=None, metadata={"choices": tuple(SOLVERS)})
     guidance: float | None = None
     target: str = "trajectory"
     fast_weight: float = 1.0

@@ -143,7 +143,9 @@ class Trainer:
         loss, parts = self.d.loss(self.step)
         loss.backward()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        summary = torch.stack([loss.detach().float(), torch.tensor(float(flag.requested), device=loss.device)])
+        summary = torch.stack(
+            [loss.detach().float(), torch.tensor(float(flag.requested), device=loss.device)]
+        )
         all_reduce_mean(grads + [summary], self.info)
         if not torch.isfinite(summary[0]):
             good = self.step - self.step % a.ckpt_every if self.step >= a.ckpt_every else 0

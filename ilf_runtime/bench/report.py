@@ -1,4 +1,6 @@
-"""Tables, summary, Pareto plot and side-by-side grid of `ilf_runtime.bench` (internal)."""
+"""The report of an `ilf bench` run: its context (device, versions, commit), the table and the
+equal-cost summary, written as STEM.csv, STEM.json, STEM.md and STEM_pareto.png (`write_all`) and read
+back for ``--report-only`` (`load_result`)."""
 
 from __future__ import annotations
 
@@ -15,9 +17,26 @@ from typing import Any
 
 import torch
 
+from ilf_runtime.bench.plan import Row, row_label
+from ilf_runtime.bench.plots import pareto_plot
 from ilf_runtime.weights import save_file_atomic
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+__all__ = [
+    "COLUMNS",
+    "COST_TOLERANCE",
+    "CSV_CONTEXT",
+    "context",
+    "cpu_name",
+    "git",
+    "load_result",
+    "markdown_table",
+    "print_side_by_side",
+    "provenance",
+    "summarize",
+    "table",
+    "write_all",
+]
+
 COST_TOLERANCE = 0.05  # "at ILF's cost": measured time within 5%
 COLUMNS = [
     "method",
@@ -56,8 +75,9 @@ CSV_CONTEXT = (
 )
 
 
-def _git(*args: str) -> str | None:
-    root = Path(__file__).resolve().parents[1]
+def git(*args: str) -> str | None:
+    """The output of ``git ARGS`` in this checkout, or None (no git, not a checkout)."""
+    root = Path(__file__).resolve().parents[2]
     try:
         return subprocess.run(
             ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10, check=True
@@ -81,8 +101,8 @@ def provenance() -> dict[str, Any]:
     """The code a run starts with: taken before sampling, so that a commit made while a long run is
     going does not end up in its record."""
     return {
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 
@@ -91,8 +111,6 @@ def context(
     model: Any, a: Any, info: Any, n: int, time_batch: int, no_fid: str | None, started: dict[str, Any]
 ) -> dict[str, Any]:
     """Everything a row's numbers depend on besides the row itself (`started`: `provenance()`)."""
-    from dataclasses import asdict
-
     import diffusers
 
     dev = model.device
@@ -154,7 +172,7 @@ def _competitors(tab: list[dict[str, Any]], i: int) -> list[int]:
 
 
 def _name(r: dict[str, Any]) -> str:
-    return " ".join(str(x) for x in (r["method"], r["setting"], r["solver"], f"{r['steps']} steps") if x)
+    return row_label(r["method"], r["setting"], r["solver"], r["steps"])
 
 
 def _helps(tab: list[dict[str, Any]], i: int) -> str:
@@ -286,6 +304,7 @@ def _fmt(v: Any, spec: str) -> str:
 
 
 def markdown_table(result: dict[str, Any]) -> str:
+    """The results table of STEM.md."""
     head = (
         "| method | setting | solver | steps | block evals / image | time / image (ms) [min-max] | speed-up | "
         "FID (subset mean ± std) | FID floor | class acc | PSNR vs ref (dB) ± SE | peak mem (MiB) |\n"
@@ -309,90 +328,11 @@ def markdown_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _frontier(xs: list[float], ys: list[float], lower_better: bool) -> list[int]:
-    """Indices of the rows no faster row beats in quality, by time."""
-    best, keep = math.inf, []
-    for i in sorted(range(len(xs)), key=lambda k: (xs[k], ys[k] if lower_better else -ys[k])):
-        q = ys[i] if lower_better else -ys[i]
-        if q < best:
-            best = q
-            keep.append(i)
-    return keep
-
-
-def pareto_plot(result: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tab = table(result)
-    fams = sorted({r["method"] for r in tab})
-    colors = {f: plt.get_cmap("tab20")(k % 20) for k, f in enumerate(fams)}
-    fig, axes = plt.subplots(1, 2, figsize=(15, 7.5))
-    main_ref = f"plain {tab[0]['solver']} {result['context']['args']['ref_steps']}"
-    panels = [
-        ("fid", "FID (lower is better)", True),
-        ("psnr", f"paired PSNR (dB, higher is better) vs {main_ref}\n(squares: vs their own solver)", False),
-    ]
-    for ax, (key, ylabel, lower) in zip(axes, panels):
-        pts = [r for r in tab if r[key] is not None and not (key == "psnr" and r["ref"] == "self")]
-        if not pts:
-            ax.text(0.5, 0.5, f"{key} not available for this model", ha="center", transform=ax.transAxes)
-            continue
-        xs = [1000 * r["time_per_image_s"] for r in pts]
-        ys = [r[key] for r in pts]
-        for x, y, r in zip(xs, ys, pts):
-            ilf = r["method"].startswith("ilf")
-            marker = "*" if ilf else ("o" if r["solver"] == pts[0]["solver"] else "s")
-            ax.scatter(
-                x,
-                y,
-                color=colors[r["method"]],
-                marker=marker,
-                s=160 if ilf else 40,
-                zorder=3,
-                edgecolors="black" if ilf else "none",
-                label=r["method"],
-            )
-            tag = f"{r['steps']}" if r["method"] == "plain" else r["setting"].split(" loop")[0]
-            ax.annotate(tag, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        for r in (q for q in pts if q["method"] == "ilf"):  # the equal-cost band around each ILF row
-            t = 1000 * r["time_per_image_s"]
-            ax.axvspan(t * (1 - COST_TOLERANCE), t * (1 + COST_TOLERANCE), color="grey", alpha=0.12, lw=0)
-        # PSNR of another solver's rows is against that solver's own 20-step images: shown, but not
-        # part of the frontier, which is drawn over the rows that share the main reference
-        keep = [k for k, r in enumerate(pts) if key != "psnr" or r["ref"] == main_ref]
-        front = [keep[k] for k in _frontier([xs[k] for k in keep], [ys[k] for k in keep], lower)]
-        ax.plot([xs[i] for i in front], [ys[i] for i in front], "k--", lw=1, zorder=2, label="frontier")
-        ax.set_xlabel("measured time per image (ms)")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-    handles, labels = axes[1].get_legend_handles_labels()
-    uniq = dict(zip(labels, handles))
-    fig.legend(uniq.values(), uniq.keys(), loc="upper center", ncol=min(6, len(uniq)), fontsize=8)
-    c = result["context"]
-    fig.suptitle(
-        f"{c['model']} on {c['device_name']} ({c['device']}, {c['dtype']}, batch {c['time_batch']}, "
-        f"{c['time_threads']} threads); circles: {tab[0]['solver']}, squares: other solver, stars: ILF",
-        y=0.012,
-        fontsize=8,
-    )
-    ilf_lines = [s for s in result.get("summary", []) if s.startswith("ilf ")]
-    fig.text(0.5, 0.045, "\n".join(ilf_lines)[:900], ha="center", va="bottom", fontsize=7, wrap=True)
-    fig.tight_layout(rect=(0, 0.15, 1, 0.92))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def load_result(stem: str | Path) -> dict[str, Any]:
     """The ``{"context", "rows", "results"}`` of a finished run, read back from STEM.json and
     STEM_per_image.safetensors (as `write_all` wrote them)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from ilf_runtime._bench_run import Row
 
     stem = Path(stem)
     jpath, ppath = stem.with_suffix(".json"), stem.parent / f"{stem.name}_per_image.safetensors"
@@ -440,7 +380,7 @@ def write_all(result: dict[str, Any], stem: str | Path) -> list[Path]:
         w = csv.DictWriter(f, fieldnames=COLUMNS + list(CSV_CONTEXT))
         w.writeheader()
         w.writerows(r | ctx for r in tab)
-    specs = [asdict(r) for r in result["rows"]]
+    specs = [r.spec() for r in result["rows"]]
     paths[1].write_text(
         json.dumps(
             {"context": result["context"], "rows": tab, "row_specs": specs, "summary": result["summary"]},
@@ -466,6 +406,11 @@ def write_all(result: dict[str, Any], stem: str | Path) -> list[Path]:
             f"{c['time_threads']} threads. PSNR: paired, against the plain {c['args']['ref_steps']}-step images of the "
             f"same solver from the same noise (SE of the mean). FID: {c['fid']}. torch {c['torch']}, diffusers "
             f"{c['diffusers']}, commit {str(c['git_commit'])[:12]}{' (dirty)' if c['git_dirty'] else ''}, {c['date']}."
+            + (
+                " Every row runs the fused block forward (`ilf_runtime.fused`)."
+                if c["args"].get("fused")
+                else ""
+            )
         ),
         "",
         markdown_table(result),
@@ -484,43 +429,13 @@ def write_all(result: dict[str, Any], stem: str | Path) -> list[Path]:
         "",
     ]
     paths[2].write_text("\n".join(md))
-    paths.append(pareto_plot(result, stem.parent / f"{stem.name}_pareto.png"))
+    pareto = stem.parent / f"{stem.name}_pareto.png"
+    paths.append(pareto_plot(tab, c, result["summary"], pareto, COST_TOLERANCE))
     return paths
 
 
-def save_side_by_side(panels: list[dict[str, Any]], out: str | Path, per_class: int) -> Path:
-    """Panels side by side, each a grid with one row per class, titled with its time and speed-up."""
-    from PIL import Image, ImageDraw
-
-    from ilf_runtime.images import make_grid
-
-    arrs = []
-    for p in panels:
-        g = make_grid(p["images"].float().clamp(0, 1), per_class, min_cell=48)
-        arrs.append((g * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
-    h = max(a.shape[0] for a in arrs)
-    gap, top = 16, 30
-    widths = [max(a.shape[1], 6 * len(p["title"]) + 4) for p, a in zip(panels, arrs)]  # room for the title
-    width = sum(widths) + gap * (len(arrs) - 1)
-    mode = "L" if arrs[0].shape[2] == 1 else "RGB"
-    canvas = Image.new(mode, (width, h + top), color=255 if mode == "L" else (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    x = 0
-    for p, a, w in zip(panels, arrs, widths):
-        img = Image.fromarray(a[:, :, 0] if mode == "L" else a[:, :, :3])
-        canvas.paste(img, (x, top))
-        draw.text((x + 2, 2), p["title"], fill=0 if mode == "L" else (0, 0, 0))
-        draw.text(
-            (x + 2, 15), f"{p['seconds']:.2f} s, {p['speedup']:.2f}x", fill=0 if mode == "L" else (0, 0, 0)
-        )
-        x += w + gap
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out)
-    return out
-
-
 def print_side_by_side(r: dict[str, Any]) -> None:
+    """Prints what `run.side_by_side` returns: the grid's path and each panel's time and cost."""
     print(f"wrote {r['out']} (same noise and labels in every panel)")
     for p in r["panels"]:
         print(
