@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     if a.write_defaults:
-        from ilf_runtime.pipelines import MODEL_NAMES
+        from ilf_runtime.registry import MODEL_NAMES
 
         defaults = {
             "guidance_scale": g_best,
