@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ilf_runtime.cliargs import add_dataclass_arguments, from_namespace
 from ilf_runtime.fashion.data import load_fashion_mnist, to_model_range
 from ilf_runtime.registry import DEFAULT_SCHEDULER as SCHEDULER
 
@@ -281,13 +282,8 @@ def main(a: TrainArgs) -> int:
 
 def parse(argv: list[str] | None = None) -> TrainArgs:
     ap = argparse.ArgumentParser(description="Train the bundled Fashion-MNIST DiT on the CPU.")
-    for name, default in asdict(TrainArgs()).items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(default, bool):
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        else:
-            ap.add_argument(flag, type=type(default), default=default)
-    return TrainArgs(**vars(ap.parse_args(argv)))
+    add_dataclass_arguments(ap, TrainArgs)
+    return from_namespace(TrainArgs, ap.parse_args(argv))
 
 
 if __name__ == "__main__":
