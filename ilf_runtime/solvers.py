@@ -31,7 +31,15 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SOLVERS", "DDIMSolver", "DPMSolverPP2M", "Solver", "SolverState", "dynamic_threshold", "make_solver"]
+__all__ = [
+    "SOLVERS",
+    "DDIMSolver",
+    "DPMSolverPP2M",
+    "Solver",
+    "SolverState",
+    "dynamic_threshold",
+    "make_solver",
+]
 
 # Config keys that shape the noise schedule and grid; recorded by describe().
 _COMMON_KEYS = (

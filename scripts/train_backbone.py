@@ -93,6 +93,31 @@ class TrainArgs:
 NUM_CLASSES = 10
 
 
+class ClassTask:
+    """What the loop trains: the class-conditional DiT (`scripts/train_t2i.py` has the text-to-image
+    task). `build` makes the model, `draw` one batch of clean images and the model's conditioning
+    keyword arguments, `export` writes the EMA model."""
+
+    def __init__(self, a: TrainArgs):
+        self.a = a
+        self.data = to_model_range(load_fashion_mnist("train").images, a.size)  # (60000, 1, S, S)
+        self.labels = load_fashion_mnist("train").labels
+
+    def build(self):
+        return build_model(self.a)
+
+    def draw(self, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+        a = self.a
+        idx = torch.randint(0, self.data.shape[0], (a.batch_size,), generator=gen)
+        x0, y = self.data[idx], self.labels[idx].clone()
+        drop = torch.rand(a.batch_size, generator=gen) < a.label_dropout
+        y[drop] = NUM_CLASSES  # null class, once per sample
+        return x0, {"class_labels": y}
+
+    def export(self, ema, dest: Path, summary: dict) -> None:
+        export(ema, self.a, dest, summary)
+
+
 def build_model(a: TrainArgs):
     from diffusers import DiTTransformer2DModel
 
@@ -157,7 +182,8 @@ def export(ema, a: TrainArgs, dest: Path, summary: dict) -> None:
     (dest / "training.json").write_text(json.dumps(summary, indent=1, sort_keys=True))
 
 
-def main(a: TrainArgs) -> int:
+def main(a: TrainArgs, task=None) -> int:
+    """Trains `task` (default: the class-conditional DiT) with the arguments `a`."""
     from tqdm.auto import tqdm
 
     torch.set_num_threads(a.threads)
@@ -166,9 +192,8 @@ def main(a: TrainArgs) -> int:
     ckpt_path = out / "checkpoint.pt"
 
     torch.manual_seed(a.seed)
-    data = to_model_range(load_fashion_mnist("train").images, a.size)  # (60000, 1, S, S)
-    labels = load_fashion_mnist("train").labels
-    model = build_model(a).train()
+    task = task or ClassTask(a)
+    model = task.build().train()
     ema = deepcopy(model).eval()
     requires_grad(ema, False)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
@@ -231,10 +256,7 @@ def main(a: TrainArgs) -> int:
         if time.perf_counter() > deadline:
             interrupted = True
             break
-        idx = torch.randint(0, data.shape[0], (a.batch_size,), generator=gen)
-        x0, y = data[idx], labels[idx].clone()
-        drop = torch.rand(a.batch_size, generator=gen) < a.label_dropout
-        y[drop] = NUM_CLASSES  # null class, once per sample
+        x0, cond = task.draw(gen)
         t = torch.randint(0, 1000, (a.batch_size,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         ac = alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -242,7 +264,7 @@ def main(a: TrainArgs) -> int:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, a)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16):
-            pred = model(xt, timestep=t, class_labels=y).sample
+            pred = model(xt, timestep=t, **cond).sample
         loss = ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3)).mul(weights[t]).mean()
         if not torch.isfinite(loss):
             raise SystemExit(f"non-finite loss at step {step}; last checkpoint kept at {ckpt_path}")
@@ -275,7 +297,7 @@ def main(a: TrainArgs) -> int:
         "final_loss_ema": run_loss,
         "params": sum(p.numel() for p in ema.parameters()),
     }
-    export(ema, a, out / "model", summary)
+    task.export(ema, out / "model", summary)
     print(f"done: {step} steps in {seconds / 60:.1f} min; EMA model exported to {out / 'model'}")
     return 0
 
