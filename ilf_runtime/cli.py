@@ -60,6 +60,7 @@ class SampleArgs:
         classes: class ids of a class-conditional model, e.g. 0,1,2 (default: all classes, up to 10).
         per_class: images per class or prompt.
         prompt: prompt of a text-to-image model.
+        negative_prompt: the negative prompt of classifier-free guidance (text-to-image models).
         prompt_embeds: safetensors file with prompt_embeds [, prompt_attention_mask, negative_*].
         steps: solver steps (default: the weights file's, else 20).
         solver: default: the weights file's, else the model's scheduler.
@@ -81,6 +82,7 @@ class SampleArgs:
     classes: list[int] | None = field(default=None, metadata={"type": int_list})
     per_class: int = field(default=4, metadata=POSITIVE)
     prompt: list[str] = field(default_factory=list)
+    negative_prompt: str = ""
     prompt_embeds: str | None = None
     steps: int | None = field(default=None, metadata=POSITIVE)
     solver: str | None = field(default=None, metadata={"choices": tuple(SOLVERS)})
@@ -207,7 +209,7 @@ def cmd_sample(args: SampleArgs) -> int:
     n = args.per_class
     adapter = model.adapter
     if adapter.class_conditional:
-        if args.prompt or args.prompt_embeds:
+        if args.prompt or args.prompt_embeds or args.negative_prompt:
             raise UsageError(
                 f"this is a class-conditional {adapter.transformer_class}: use --classes, not --prompt"
             )
@@ -238,6 +240,7 @@ def cmd_sample(args: SampleArgs) -> int:
             nrow_labels = list(range(d["prompt_embeds"].shape[0]))
         elif args.prompt:
             kw["prompts"] = [p for p in args.prompt for _ in range(n)]
+            kw["negative_prompt"] = args.negative_prompt
             nrow_labels = args.prompt
         else:
             raise UsageError(f"a {adapter.transformer_class} needs --prompt or --prompt-embeds")
@@ -254,7 +257,8 @@ def cmd_sample(args: SampleArgs) -> int:
         cuda_graph=args.cuda_graph,
         **kw,
     )
-    path = save_grid(out.images, args.out, nrow=n)
+    labels = [str(x) for x in nrow_labels] if isinstance(nrow_labels[0], str) else None
+    path = save_grid(out.images, args.out, nrow=n, row_labels=labels)
     info = out.info
     count = len(out.seeds)
     ilf_desc = (

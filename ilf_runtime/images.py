@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
 
@@ -31,9 +32,12 @@ def make_grid(images: torch.Tensor, nrow: int, *, pad: int = 2, min_cell: int = 
     return grid
 
 
-def save_grid(images: torch.Tensor, path: str | PathLike, nrow: int, **kw) -> Path:
-    """Writes `make_grid(images, nrow)` as an 8-bit PNG (grey for one channel, RGB for three)."""
-    from PIL import Image
+def save_grid(
+    images: torch.Tensor, path: str | PathLike, nrow: int, *, row_labels: Sequence[str] | None = None, **kw
+) -> Path:
+    """Writes `make_grid(images, nrow)` as an 8-bit PNG (grey for one channel, RGB for three); with
+    `row_labels` (one per row: a class name, a prompt), each row's label is written to its left."""
+    from PIL import Image, ImageDraw
 
     grid = make_grid(images.float().cpu().clamp(0, 1), nrow, **kw)
     arr = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
@@ -41,7 +45,21 @@ def save_grid(images: torch.Tensor, path: str | PathLike, nrow: int, **kw) -> Pa
         arr = arr[:, :, 0]
     elif arr.shape[2] != 3:
         arr = arr[:, :, :3]
+    img = Image.fromarray(arr)
+    if row_labels:
+        rows = -(-images.shape[0] // max(1, nrow))
+        if len(row_labels) != rows:
+            raise ValueError(f"row_labels: {len(row_labels)} labels for {rows} rows")
+        margin = 6 * max(len(t) for t in row_labels) + 8
+        canvas = Image.new(
+            img.mode, (img.width + margin, img.height), color=255 if img.mode == "L" else (255,) * 3
+        )
+        canvas.paste(img, (margin, 0))
+        draw, row_h = ImageDraw.Draw(canvas), img.height / rows
+        for r, text in enumerate(row_labels):
+            draw.text((4, int(r * row_h + row_h / 2) - 5), text, fill=0 if img.mode == "L" else (0, 0, 0))
+        img = canvas
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path)
+    img.save(path)
     return path

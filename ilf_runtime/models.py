@@ -455,4 +455,10 @@ def encode_prompts(model: Any, prompts: list[str], negative_prompt: str, guided:
     ):
         raise ValueError("text prompts need a pipeline with a text encoder; pass prompt_embeds instead")
     with torch.no_grad():
-        return pipe.encode_prompt(prompts, guided, negative_prompt=negative_prompt, device=model.device)
+        return pipe.encode_prompt(
+            prompts,
+            guided,
+            negative_prompt=negative_prompt,
+            device=model.device,
+            **getattr(model, "encode_kwargs", {}),
+        )

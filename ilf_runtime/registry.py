@@ -134,6 +134,7 @@ class Model:
     name: str = ""
     note: str = ""
     default_guidance: float | None = None
+    encode_kwargs: dict[str, Any] = field(default_factory=dict)  # for the pipeline's encode_prompt
     adapter: ModelAdapter = field(init=False)
 
     def __post_init__(self) -> None:
@@ -219,10 +220,23 @@ def load_model(
     ).eval()
     sched_file = path / "scheduler_config.json"
     sched_cfg = json.loads(sched_file.read_text()) if sched_file.is_file() else DEFAULT_SCHEDULER
-    model = Model(transformer, scheduler_from_config(sched_cfg), name=name)
-    defaults = path / "ilf_defaults.json"  # e.g. the guidance scale a sweep chose for this model
-    if defaults.is_file():
-        model.default_guidance = json.loads(defaults.read_text()).get("guidance_scale")
+    scheduler = scheduler_from_config(sched_cfg)
+    # e.g. the guidance scale a sweep chose for this model, the text encoder it was trained with
+    defaults_file = path / "ilf_defaults.json"
+    defaults = json.loads(defaults_file.read_text()) if defaults_file.is_file() else {}
+    if defaults.get("text_encoder"):
+        from ilf_runtime.text_encoders import text_pipeline
+
+        model = to_model(text_pipeline(defaults["text_encoder"], transformer, scheduler))
+        model.name = name
+    else:
+        model = Model(transformer, scheduler, name=name)
+    model.default_guidance = defaults.get("guidance_scale")
+    if "max_sequence_length" in defaults:
+        model.encode_kwargs = {
+            "max_sequence_length": int(defaults["max_sequence_length"]),
+            "clean_caption": False,
+        }
     return model.to(device)
 
 

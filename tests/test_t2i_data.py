@@ -114,7 +114,7 @@ def test_metric_counts_unreadable_prompts_apart(test_set):
 
 @pytest.fixture(scope="module")
 def encoder():
-    from ilf_runtime.fashion import t2i
+    from ilf_runtime import text_encoders as t2i
 
     try:
         t2i.encoder_dir()

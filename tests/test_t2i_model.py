@@ -1,0 +1,90 @@
+"""A text-to-image model directory that names its text encoder loads as a PixArt pipeline with that
+encoder; prompts (and a negative prompt) go through the pipeline's own encode_prompt."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def t2i_dir(tmp_path_factory):
+    from ilf_runtime import text_encoders
+
+    try:
+        text_encoders.encoder_dir()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    from diffusers import DDIMScheduler, PixArtTransformer2DModel
+
+    from ilf_runtime.registry import DEFAULT_SCHEDULER
+
+    torch.manual_seed(0)
+    t = PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=3, out_channels=3, num_layers=3,
+        sample_size=8, patch_size=2, cross_attention_dim=16, caption_channels=384, norm_type="ada_norm_single",
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        for p in t.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    d = tmp_path_factory.mktemp("t2i")
+    t.save_pretrained(d)
+    DDIMScheduler.from_config(DEFAULT_SCHEDULER).save_pretrained(d)
+    defaults = {
+        "text_encoder": text_encoders.ENCODER_PACKAGE,
+        "max_sequence_length": 16,
+        "guidance_scale": 3.0,
+    }
+    (d / "ilf_defaults.json").write_text(json.dumps(defaults))
+    return d
+
+
+def test_loads_as_a_pipeline_with_its_encoder(t2i_dir):
+    from diffusers import PixArtAlphaPipeline
+
+    from ilf_runtime import load_model, sample
+
+    m = load_model(t2i_dir)
+    assert isinstance(m.pipeline, PixArtAlphaPipeline) and m.pipeline.text_encoder is not None
+    assert m.guidance == 3.0 and m.encode_kwargs["max_sequence_length"] == 16
+    out = sample(m, prompts=["a red sneaker", "a dinosaur"], num_steps=3)
+    assert out.images.shape == (2, 3, 8, 8) and out.labels == ["a red sneaker", "a dinosaur"]
+    # another negative prompt changes the guided images; the same one repeats them exactly
+    a = sample(m, prompts=["a red sneaker"], num_steps=3, negative_prompt="a blue bag").images
+    b = sample(m, prompts=["a red sneaker"], num_steps=3, negative_prompt="a blue bag").images
+    c = sample(m, prompts=["a red sneaker"], num_steps=3).images
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_embeddings_equal_the_pipeline_call(t2i_dir):
+    from ilf_runtime import load_model
+    from ilf_runtime.models import encode_prompts
+    from ilf_runtime.text_encoders import encode
+
+    m = load_model(t2i_dir)
+    emb, mask, neg, nmask = encode_prompts(m, ["a red sneaker"], "", True)
+    ref, ref_mask = encode(["a red sneaker", ""])
+    torch.testing.assert_close(emb, ref[:1])
+    torch.testing.assert_close(neg, ref[1:])
+    assert torch.equal(mask, ref_mask[:1]) and torch.equal(nmask, ref_mask[1:])
+
+
+def test_cli_prompt_grid_with_negative_prompt(t2i_dir, tmp_path, capsys):
+    from PIL import Image
+
+    from ilf_runtime.cli import main
+
+    out = tmp_path / "grid.png"
+    argv = ["sample", "--model", str(t2i_dir), "--prompt", "a red sneaker", "--prompt", "a blue bag"]
+    rc = main(
+        [*argv, "--negative-prompt", "a green coat", "--per-class", "2", "--steps", "3", "--out", str(out)]
+    )
+    assert rc == 0 and out.is_file()
+    assert "2 rows x 2" in capsys.readouterr().out
+    w, _ = Image.open(out).size
+    assert w > 2 * 64  # the prompts are written left of their rows
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--model", str(t2i_dir), "--classes", "1", "--out", str(out)])
+    assert e.value.code == 2
