@@ -105,7 +105,8 @@ class EvalCommand(EvalArgs):
     Args:
         steps: solver steps (default: the weights file's, else 20).
         weights: feedback weights file (.safetensors), or shipped[:NAME].
-        model: model directory or built-in name.
+        model: model directory or built-in name (class-conditional: FID and class accuracy; the text-to-image
+            demo: prompt accuracy, see ilf_runtime/fashion/evaluate_prompts.py).
         out: output path stem: writes STEM.json and STEM.md.
         progress: show a progress bar.
         fused: run the blocks through the fused forward (`ilf_runtime.fused`).
@@ -315,6 +316,8 @@ def cmd_eval(args: EvalCommand) -> int:
     model = load_model(args.model)
     if args.fused:
         apply_fused_blocks(model)
+    if not model.adapter.class_conditional:
+        return _eval_prompts(model, a, args)
     result = evaluate(model, a, progress=args.progress)
     write_results([result], args.out)
     f = result["fid"]
@@ -328,6 +331,37 @@ def cmd_eval(args: EvalCommand) -> int:
             f"paired PSNR vs {p['ref_steps']} steps: {p['psnr']:.2f} +- {p['psnr_se']:.2f} dB, MAE {p['mae']:.4f}"
         )
     print(markdown_row(result))
+    print(f"wrote {args.out}.json and {args.out}.md")
+    return 0
+
+
+def _eval_prompts(model: Any, a: EvalArgs, args: EvalCommand) -> int:
+    from ilf_runtime.fashion.evaluate import write_results
+    from ilf_runtime.fashion.evaluate_prompts import (
+        PROMPT_MARKDOWN_HEADER,
+        evaluate_prompts,
+        prompt_markdown_row,
+    )
+
+    r = evaluate_prompts(model, a, progress=args.progress)
+    write_results([r], args.out, prompt_markdown_row, PROMPT_MARKDOWN_HEADER)
+    acc = r["accuracy"]
+    line = ", ".join(
+        f"{k} {100 * acc['all'][k]['acc']:.1f} +- {100 * acc['all'][k]['se']:.1f}%"
+        for k in ("class", "colour", "full")
+    )
+    print(f"prompt accuracy ({r['n']} images): {line}")
+    print(
+        f"full prompt: held-out pairs {100 * acc['held_out']['full']['acc']:.1f}%, ceiling "
+        f"{100 * r['ceiling']['all']['full']['acc']:.1f}%, shuffled prompts {100 * r['shuffled']['full']['acc']:.1f}%"
+    )
+    f = r["fid"]
+    print(
+        f"FID {f['fid']:.3f} (subsets {f['subset_mean']:.3f} +- {f['subset_std']:.3f}), floor {r['fid_floor']['fid']:.3f}"
+    )
+    if "paired_vs_ref" in r:
+        p = r["paired_vs_ref"]
+        print(f"paired PSNR vs {p['ref_steps']} steps: {p['psnr']:.2f} +- {p['psnr_se']:.2f} dB")
     print(f"wrote {args.out}.json and {args.out}.md")
     return 0
 

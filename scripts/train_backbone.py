@@ -67,6 +67,8 @@ class TrainArgs:
         resume: continue from out/checkpoint.pt.
         max_minutes: stop after this much training time in this process (0: no limit), writing a
             checkpoint; `--resume` continues where it stopped and ends where an uninterrupted run would.
+        export_only: with `--resume`, write the checkpoint's EMA model to out/model-stepN and stop (to
+            measure a run between its chunks).
     """
 
     out: str = "runs/fashion-dit"
@@ -88,6 +90,7 @@ class TrainArgs:
     threads: int = 2
     resume: bool = False
     max_minutes: float = 0.0
+    export_only: bool = False
 
 
 NUM_CLASSES = 10
@@ -206,7 +209,7 @@ def main(a: TrainArgs, task=None) -> int:
     gen = torch.Generator().manual_seed(a.seed)
     if a.resume and ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        session_keys = ("resume", "max_minutes")  # may differ between the pieces of one run
+        session_keys = ("resume", "max_minutes", "export_only")  # may differ between the pieces of one run
         if {k: v for k, v in ck["args"].items() if k not in session_keys} != {
             k: v for k, v in asdict(a).items() if k not in session_keys
         }:
@@ -220,6 +223,13 @@ def main(a: TrainArgs, task=None) -> int:
         print(f"resumed from {ckpt_path} at step {step}")
     elif a.resume:
         print(f"--resume: no checkpoint at {ckpt_path}, starting fresh")
+    if a.export_only:
+        if step == 0:
+            raise SystemExit(f"--export-only needs --resume and a checkpoint at {ckpt_path}")
+        dest = out / f"model-step{step}"
+        task.export(ema, dest, {"args": asdict(a), "steps": step, "train_seconds": round(seconds, 1)})
+        print(f"exported the EMA model at step {step} to {dest}")
+        return 0
 
     def checkpoint() -> None:
         save_checkpoint(

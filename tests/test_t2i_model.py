@@ -88,3 +88,24 @@ def test_cli_prompt_grid_with_negative_prompt(t2i_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["sample", "--model", str(t2i_dir), "--classes", "1", "--out", str(out)])
     assert e.value.code == 2
+
+
+def test_eval_prompts_end_to_end(t2i_dir, tmp_path, capsys):
+    from ilf_runtime.fashion.data import load_fashion_mnist
+
+    try:
+        load_fashion_mnist("test")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    from ilf_runtime.cli import main
+
+    out = tmp_path / "ev"
+    rc = main(["eval", "--model", str(t2i_dir), "--per-class", "1", "--steps", "2", "--ref-steps", "3",
+               "--subsets", "2", "--out", str(out), "--no-progress"])  # fmt: skip
+    assert rc == 0
+    r = json.loads(out.with_suffix(".json").read_text())[0]
+    assert r["n"] == 60 and r["accuracy"]["held_out"]["n"] == 6 and r["accuracy"]["seen"]["n"] == 54
+    assert r["ceiling"]["all"]["colour"]["acc"] == 1.0  # rendered garments have exactly their colour
+    assert 0 <= r["accuracy"]["all"]["full"]["acc"] <= 1 and "paired_vs_ref" in r
+    assert "prompt accuracy (60 images)" in capsys.readouterr().out
+    assert "full-prompt acc" in out.with_suffix(".md").read_text()

@@ -91,3 +91,16 @@ def test_block_label_dropout_is_off(tb):
         a = model(x, timestep=t, class_labels=y).sample
         b = model(x, timestep=t, class_labels=y).sample
     assert torch.equal(a, b)  # in train mode, diffusers' embedders would drop labels at random
+
+
+def test_export_only_writes_the_checkpoint_ema(tb, tmp_path):
+    from diffusers import DiTTransformer2DModel
+
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit, match="needs --resume"):
+        tb.main(_args(tb, run, export_only=True))
+    tb.main(_args(tb, run, steps=2))
+    assert tb.main(_args(tb, run, steps=2, resume=True, export_only=True)) == 0
+    ema = torch.load(run / "checkpoint.pt", weights_only=False)["ema"]
+    got = DiTTransformer2DModel.from_pretrained(run / "model-step2").state_dict()
+    assert all(torch.equal(ema[k], got[k]) for k in ema)

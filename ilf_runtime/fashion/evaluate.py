@@ -170,9 +170,12 @@ MARKDOWN_HEADER = (
 )
 
 
-def write_results(results: list[dict[str, Any]], stem: str | Path) -> None:
+def write_results(
+    results: list[dict[str, Any]], stem: str | Path, row=markdown_row, header: str = MARKDOWN_HEADER
+) -> None:
+    """STEM.json and STEM.md (one table row per result, formatted by `row` under `header`)."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
-    rows = "\n".join(markdown_row(r) for r in results)
-    stem.with_suffix(".md").write_text(f"{MARKDOWN_HEADER}\n{rows}\n")
+    rows = "\n".join(row(r) for r in results)
+    stem.with_suffix(".md").write_text(f"{header}\n{rows}\n")
