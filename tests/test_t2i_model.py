@@ -109,3 +109,31 @@ def test_eval_prompts_end_to_end(t2i_dir, tmp_path, capsys):
     assert 0 <= r["accuracy"]["all"]["full"]["acc"] <= 1 and "paired_vs_ref" in r
     assert "prompt accuracy (60 images)" in capsys.readouterr().out
     assert "full-prompt acc" in out.with_suffix(".md").read_text()
+
+
+def test_ilf_train_from_prompt_files_with_guidance(t2i_dir, tmp_path):
+    """The trainer's text-to-image path: prompts encoded by the model's own encoder, guidance on,
+    validation on other (held-out) prompts, end to end through the CLI."""
+    from ilf_runtime import load_ilf_weights
+    from ilf_runtime.cli import main
+
+    train, val = tmp_path / "train.txt", tmp_path / "val.txt"
+    train.write_text("a red sneaker\na blue bag\n\nsneaker, crimson\n")
+    val.write_text("a red bag\n")
+    out = tmp_path / "run"
+    rc = main(
+        ["train", "--model", str(t2i_dir), "--out", str(out), "--loop-start", "1", "--loop-end", "1",
+         "--steps", "2", "--teacher-steps", "4", "--states", "teacher", "--bank-size", "4", "--batch-size", "2",
+         "--train-steps", "2", "--val-samples", "2", "--guidance", "2.5", "--prompts", str(train),
+         "--val-prompts", str(val), "--no-progress", "--device", "cpu"]
+    )  # fmt: skip
+    assert rc == 0
+    w = load_ilf_weights(out / "feedback.safetensors")
+    assert w.metadata["sampler"]["guidance_scale"] == 2.5
+    assert w.metadata["training"]["args"]["prompts"] == str(train)
+    assert all(torch.isfinite(t).all() for t in w.tensors.values())
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--model", str(t2i_dir), "--out", str(out), "--prompts", str(empty), "--no-progress"])
+    assert e.value.code == 2

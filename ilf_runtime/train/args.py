@@ -41,6 +41,10 @@ class TrainArgs:
         bank_cache: directory where banks are kept and reused across runs (keyed by a hash of the
             backbone's weights, the schedule, the bank's seed and size).
         prompt_embeds: PixArt: safetensors file with ``prompt_embeds`` [, masks, ``negative_*``].
+        prompts: text-to-image models: a text file of training prompts, one per line, encoded by the
+            model's own text encoder (the negative prompt empty); instead of ``prompt_embeds``.
+        val_prompts: a text file of validation prompts (default: the training conditions), e.g.
+            prompts held out of training.
         train_steps: optimiser steps.
         batch_size: samples per step and rank.
         lr: AdamW's peak learning rate (reached after the warm-up, then cosine decay to 0).
@@ -77,6 +81,8 @@ class TrainArgs:
     bank_refresh: int = 0
     bank_cache: str | None = None
     prompt_embeds: str | None = None
+    prompts: str | None = None
+    val_prompts: str | None = None
     train_steps: int = 1000
     batch_size: int = 64
     lr: float = 1e-3

@@ -45,18 +45,36 @@ def _noised(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, acp: torch.T
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
-class CondSource:
-    """The model's distinct conditions (classes, or the prompt embeddings of ``--prompt-embeds``) to
-    draw training and validation inputs from, by index."""
+def read_prompts(path: str) -> list[str]:
+    """The non-empty lines of a prompts file."""
+    try:
+        lines = [ln.strip() for ln in Path(path).read_text().splitlines()]
+    except OSError as e:
+        raise ValueError(f"prompts file {path}: cannot read ({e.strerror})") from None
+    if not any(lines):
+        raise ValueError(f"prompts file {path}: no prompts (expected one per line)")
+    return [ln for ln in lines if ln]
 
-    def __init__(self, model, a: TrainArgs):
+
+class CondSource:
+    """The model's distinct conditions (classes, the prompts of a prompts file, or the prompt
+    embeddings of ``--prompt-embeds``) to draw training and validation inputs from, by index."""
+
+    def __init__(self, model, a: TrainArgs, prompts: str | None = None):
         self.model = model
-        if not model.adapter.class_conditional and not a.prompt_embeds:
+        prompts = prompts or a.prompts
+        if not model.adapter.class_conditional and not (a.prompt_embeds or prompts):
             raise ValueError(
-                f"training a {model.adapter.transformer_class} needs --prompt-embeds FILE "
-                "(safetensors with prompt_embeds)"
+                f"training a {model.adapter.transformer_class} needs --prompts FILE (one prompt per line) "
+                "or --prompt-embeds FILE (safetensors with prompt_embeds)"
             )
-        self.items = model.adapter.condition_set(model, prompt_embeds=a.prompt_embeds)
+        guided = (model.guidance if a.guidance is None else a.guidance) > 1
+        self.items = model.adapter.condition_set(
+            model,
+            prompts=read_prompts(prompts) if prompts else None,
+            prompt_embeds=None if prompts else a.prompt_embeds,
+            guided=guided,
+        )
         self.n = len(next(iter(self.items.values())))
 
     def sample_kwargs(self, idx: torch.Tensor) -> dict[str, Any]:
@@ -169,6 +187,7 @@ class Distiller:
                 self.info.rank,
                 bank_id,
                 a.prompt_embeds,
+                a.prompts,
             ],
             sort_keys=True,
             default=str,

@@ -9,7 +9,7 @@ import torch
 
 from ilf_runtime.distributed import DistInfo, all_gather_cat, shard
 from ilf_runtime.train.args import TrainArgs
-from ilf_runtime.train.distill import Distiller
+from ilf_runtime.train.distill import CondSource, Distiller
 
 __all__ = ["Validator"]
 
@@ -20,8 +20,9 @@ class Validator:
 
     def __init__(self, model, d: Distiller, a: TrainArgs, info: DistInfo):
         self.m, self.d, self.a, self.info = model, d, a, info
+        self.conds = CondSource(model, a, a.val_prompts) if a.val_prompts else d.conds
         n = a.val_samples
-        self.idx = torch.arange(n) % d.conds.n
+        self.idx = torch.arange(n) % self.conds.n
         self.seeds = [10_000_000 + j for j in range(n)]
         self.layers = len(model.transformer.transformer_blocks)
         self.cost = d.loop.config.block_evals(self.layers, a.steps)
@@ -41,7 +42,7 @@ class Validator:
             guidance_scale=self.d.guidance,
             loop_steps=loop_steps,
             batch_size=256,
-            **self.d.conds.sample_kwargs(self.idx[mine]),
+            **self.conds.sample_kwargs(self.idx[mine]),
         )
         images = all_gather_cat(out.images.to(self.info.device), self.info).cpu()
         return images if self.info.is_main else None
