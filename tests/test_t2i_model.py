@@ -137,3 +137,36 @@ def test_ilf_train_from_prompt_files_with_guidance(t2i_dir, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["train", "--model", str(t2i_dir), "--out", str(out), "--prompts", str(empty), "--no-progress"])
     assert e.value.code == 2
+
+
+def test_backbone_script_exports_a_loadable_text_to_image_model(t2i_dir, tmp_path):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from ilf_runtime.fashion.data import load_fashion_mnist
+
+    try:
+        load_fashion_mnist("train")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    sys.path.insert(0, str(scripts))
+    try:
+        spec = importlib.util.spec_from_file_location("train_t2i", scripts / "train_t2i.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(scripts))
+    a = mod.T2IArgs(out=str(tmp_path / "run"), steps=2, batch_size=4, warmup=1, size=8, width=16, heads=2,
+                    layers=2, threads=1, bf16=False)  # fmt: skip
+    assert mod.tb.main(a, mod.TextTask(a)) == 0
+    from ilf_runtime import load_model, sample
+
+    m = load_model(tmp_path / "run" / "model")
+    assert m.pipeline.text_encoder is not None and m.encode_kwargs["max_sequence_length"] == 16
+    val = (tmp_path / "run" / "model" / "val_prompts.txt").read_text().split("\n")
+    out = sample(m, prompts=val[:2], num_steps=2, guidance_scale=2.0)
+    assert out.images.shape == (2, 3, 8, 8)
+    assert len((tmp_path / "run" / "model" / "train_prompts.txt").read_text().splitlines()) == 1404
