@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -273,13 +274,16 @@ def main(a: TrainArgs, task=None) -> int:
         xt = ac.sqrt() * x0 + (1 - ac).sqrt() * noise
         for g in opt.param_groups:
             g["lr"] = lr_at(step, a)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16):
-            pred = model(xt, timestep=t, **cond).sample
-        loss = ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3)).mul(weights[t]).mean()
-        if not torch.isfinite(loss):
-            raise SystemExit(f"non-finite loss at step {step}; last checkpoint kept at {ckpt_path}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        # PyTorch's CPU flash-attention backward in bf16 is slow at these sizes (64 tokens, head dim 32):
+        # the math kernel makes a whole training step about 1.6x faster here
+        with sdpa_kernel(SDPBackend.MATH):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16):
+                pred = model(xt, timestep=t, **cond).sample
+            loss = ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3)).mul(weights[t]).mean()
+            if not torch.isfinite(loss):
+                raise SystemExit(f"non-finite loss at step {step}; last checkpoint kept at {ckpt_path}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         update_ema(ema, model, a.ema_decay if step >= a.warmup else 0.0)
