@@ -6,7 +6,7 @@ setting) is run twice:
 1. Quality: all rows sample the same N images; per row the block evaluations actually run
    (`caches.BlockEvalCounter`), paired PSNR against the plain ``ref_steps`` row of the same solver
    with its standard error, and for 10-class 1-channel DiTs (the bundled model) FID with its spread
-   over disjoint subsets and its floor, and class accuracy (`ilf_runtime.metrics`). Under torchrun
+   over disjoint subsets and its floor, and class accuracy (`ilf_runtime.fashion`). Under torchrun
    the batches are split over the processes (gloo on CPU) and gathered on rank 0; batches are cut
    before sharding, so every image comes from the same batch as in a single process.
 2. Timing, on rank 0 only (after the other ranks are done): a warm-up pass over all rows (which
