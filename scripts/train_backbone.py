@@ -209,7 +209,7 @@ def main(a: TrainArgs, task=None) -> int:
     step, seconds = 0, 0.0
     gen = torch.Generator().manual_seed(a.seed)
     if a.resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)  # tensors and plain data only
         session_keys = ("resume", "max_minutes", "export_only")  # may differ between the pieces of one run
         if {k: v for k, v in ck["args"].items() if k not in session_keys} != {
             k: v for k, v in asdict(a).items() if k not in session_keys

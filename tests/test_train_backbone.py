@@ -62,12 +62,12 @@ def test_stop_and_resume_matches_uninterrupted_run(tb, tmp_path, monkeypatch):
     assert tb.main(_args(tb, tmp_path / "full")) == 0
     monkeypatch.setattr(tb, "time", _Clock())
     assert tb.main(_args(tb, tmp_path / "split", max_minutes=5 / 60)) == 130  # stops after a few steps
-    stopped = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)["step"]
+    stopped = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)["step"]
     assert 0 < stopped < 6
     monkeypatch.undo()
     assert tb.main(_args(tb, tmp_path / "split", resume=True)) == 0
-    full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
-    split = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=False)
+    full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    split = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
     assert full["step"] == split["step"] == 6
     for key in ("model", "ema"):
         assert all(torch.equal(full[key][k], split[key][k]) for k in full[key]), key
@@ -101,6 +101,6 @@ def test_export_only_writes_the_checkpoint_ema(tb, tmp_path):
         tb.main(_args(tb, run, export_only=True))
     tb.main(_args(tb, run, steps=2))
     assert tb.main(_args(tb, run, steps=2, resume=True, export_only=True)) == 0
-    ema = torch.load(run / "checkpoint.pt", weights_only=False)["ema"]
+    ema = torch.load(run / "checkpoint.pt", weights_only=True)["ema"]
     got = DiTTransformer2DModel.from_pretrained(run / "model-step2").state_dict()
     assert all(torch.equal(ema[k], got[k]) for k in ema)
