@@ -189,6 +189,23 @@ def _weights_defaults(args: argparse.Namespace) -> None:
         )
 
 
+def check_device(device: str | None) -> None:
+    """A one-line `UsageError` for a device this torch cannot use (before any model is loaded)."""
+    import torch
+
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(
+            f"--device {device!r}: expected a torch device such as cpu, cuda or cuda:1"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        why = "is a CPU-only build" if torch.version.cuda is None else "finds no CUDA device"
+        raise UsageError(f"--device {device}: this torch ({torch.__version__}) {why}; use --device cpu")
+
+
 def cmd_sample(args: SampleArgs) -> int:
     import torch
 
@@ -410,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
 
     handler, cls = COMMANDS[args.command]
     try:
+        check_device(getattr(args, "device", None))
         return handler(args if cls is None else from_namespace(cls, args))
     except (UsageError, WeightsError, ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
         parser.exit(2, f"ilf {args.command}: error: {e}\n")

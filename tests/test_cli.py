@@ -283,3 +283,16 @@ def test_solver_defaults_to_the_weights_own(pixel_dit_dir, tmp_path, capsys, cap
     assert main([*argv, "--solver", "ddim"]) == 0
     assert "(dit, ddim, 3 steps," in capsys.readouterr().out
     assert "distilled for the dpmpp_2m solver; sampling with ddim" in caplog.text
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", [["sample", "--model", "tiny-random"], ["bench"], ["train"]])
+def test_unusable_device_is_one_line(command, capsys):
+    for device, words in (("cuda", "use --device cpu"), ("gpu", "expected a torch device")):
+        if command == ["train"] and device == "gpu":
+            continue  # argparse's own choices error
+        with pytest.raises(SystemExit) as e:
+            main([*command, "--device", device])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
