@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ilf_runtime import load_model  # noqa: E402
-from ilf_runtime.fashion.evaluate import EvalArgs  # noqa: E402
-from ilf_runtime.fashion.evaluate_prompts import (  # noqa: E402
+from ilf_runtime import load_model
+from ilf_runtime.fashion.evaluate import EvalArgs
+from ilf_runtime.fashion.evaluate_prompts import (
     PROMPT_MARKDOWN_HEADER,
     evaluate_prompts,
     prompt_markdown_row,
