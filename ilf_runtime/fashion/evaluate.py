@@ -25,7 +25,16 @@ from ilf_runtime.metrics import Gaussian, extract, fid_with_spread, paired_psnr
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MARKDOWN_HEADER", "EvalArgs", "evaluate", "markdown_row", "reference_sets", "write_results"]
+__all__ = [
+    "MARKDOWN_HEADER",
+    "EvalArgs",
+    "evaluate",
+    "markdown_row",
+    "paired_vs_ref",
+    "reference_sets",
+    "run_context",
+    "write_results",
+]
 
 
 @dataclass
@@ -89,8 +98,6 @@ def evaluate(model: Any, a: EvalArgs, *, progress: bool = True) -> dict[str, Any
     """Samples `per_class` images of every class and returns the metrics as a JSON-able dict."""
     from dataclasses import replace
 
-    import diffusers
-
     from ilf_runtime.pipelines import sample
     from ilf_runtime.registry import to_model
 
@@ -134,23 +141,36 @@ def evaluate(model: Any, a: EvalArgs, *, progress: bool = True) -> dict[str, Any
         "class_accuracy": class_accuracy(clf, out.images, labels),
         "feature_network": "ilf_runtime/assets/fashion-classifier (penultimate layer, 256-d)",
         "classifier_test_accuracy": _recorded_accuracy(),
-        "context": {
-            "device": str(m.device),
-            "dtype": str(m.dtype).replace("torch.", ""),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-            "python": platform.python_version(),
-        },
+        "context": run_context(m),
     }
     if a.ref_steps:
-        ref = sample(m, num_steps=a.ref_steps, **common)
-        pp = paired_psnr(out.images, ref.images)
-        pp.pop("per_image_psnr")
-        result["paired_vs_ref"] = pp | {"ref_steps": a.ref_steps}
+        result["paired_vs_ref"] = paired_vs_ref(
+            out.images, sample(m, num_steps=a.ref_steps, **common).images, a.ref_steps
+        )
     for key in ("fid", "fid_floor"):
         result[key] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result[key].items()}
     return result
+
+
+def run_context(m: Any) -> dict[str, Any]:
+    """What an evaluation's numbers depend on besides its arguments: device, dtype, threads, versions."""
+    import diffusers
+
+    return {
+        "device": str(m.device),
+        "dtype": str(m.dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def paired_vs_ref(images: torch.Tensor, ref_images: torch.Tensor, ref_steps: int) -> dict[str, Any]:
+    """Paired PSNR / MAE summary against the reference sampler's images (no per-image values)."""
+    pp = paired_psnr(images, ref_images)
+    pp.pop("per_image_psnr")
+    return pp | {"ref_steps": ref_steps}
 
 
 def markdown_row(r: dict[str, Any]) -> str:

@@ -12,7 +12,6 @@ plain sampler at ``ref_steps``.
 
 from __future__ import annotations
 
-import platform
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -20,10 +19,10 @@ import torch
 
 from ilf_runtime.fashion.captions import COLOURS, HELD_OUT, caption
 from ilf_runtime.fashion.classifier import load_fashion_classifier
-from ilf_runtime.fashion.evaluate import EvalArgs, reference_sets
+from ilf_runtime.fashion.evaluate import EvalArgs, paired_vs_ref, reference_sets, run_context
 from ilf_runtime.fashion.prompt_metric import prompt_accuracy, shuffled
 from ilf_runtime.fashion.scenes import CaptionedSet
-from ilf_runtime.metrics import extract, fid_with_spread, paired_psnr
+from ilf_runtime.metrics import extract, fid_with_spread
 
 __all__ = [
     "PROMPT_MARKDOWN_HEADER",
@@ -66,7 +65,6 @@ def _split(acc_fn, images, prompts, held: torch.Tensor) -> dict[str, Any]:
 
 def evaluate_prompts(model: Any, a: EvalArgs, *, progress: bool = True) -> dict[str, Any]:
     """Samples `per_class` images of every (class, colour) prompt and returns the metrics (JSON-able)."""
-    import diffusers
 
     from ilf_runtime.models import PROMPT_KEYS, encode_prompts
     from ilf_runtime.pipelines import sample
@@ -112,20 +110,12 @@ def evaluate_prompts(model: Any, a: EvalArgs, *, progress: bool = True) -> dict[
         "fid": fid_with_spread(feats, sets["ref"], a.subsets),
         "fid_floor": sets["floor"],
         "fid_features": "shipped Fashion-MNIST classifier on the intensity (largest channel)",
-        "context": {
-            "device": str(m.device),
-            "dtype": str(m.dtype).replace("torch.", ""),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-            "python": platform.python_version(),
-        },
+        "context": run_context(m),
     }
     if a.ref_steps:
-        ref = sample(m, num_steps=a.ref_steps, **common)
-        pp = paired_psnr(images, ref.images)
-        pp.pop("per_image_psnr")
-        result["paired_vs_ref"] = pp | {"ref_steps": a.ref_steps}
+        result["paired_vs_ref"] = paired_vs_ref(
+            images, sample(m, num_steps=a.ref_steps, **common).images, a.ref_steps
+        )
     return result
 
 
