@@ -24,6 +24,7 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from os import PathLike
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -40,6 +41,7 @@ __all__ = [
     "adapter_for",
     "adapter_for_class",
     "load_prompt_embeds",
+    "read_prompts",
     "resolve",
     "unwrap_transformer",
 ]
@@ -442,6 +444,17 @@ def load_prompt_embeds(path: str | PathLike) -> dict[str, torch.Tensor]:
             f"prompt embeddings {path}: unexpected tensors {unknown}; expected {', '.join(PROMPT_KEYS)}"
         )
     return d
+
+
+def read_prompts(path: str | PathLike) -> list[str]:
+    """The non-empty lines of a prompts file."""
+    try:
+        lines = [ln.strip() for ln in Path(path).read_text().splitlines()]
+    except OSError as e:
+        raise ValueError(f"prompts file {path}: cannot read ({e.strerror})") from None
+    if not any(lines):
+        raise ValueError(f"prompts file {path}: no prompts (expected one per line)")
+    return [ln for ln in lines if ln]
 
 
 def encode_prompts(model: Any, prompts: list[str], negative_prompt: str, guided: bool) -> tuple:

@@ -170,3 +170,33 @@ def test_backbone_script_exports_a_loadable_text_to_image_model(t2i_dir, tmp_pat
     out = sample(m, prompts=val[:2], num_steps=2, guidance_scale=2.0)
     assert out.images.shape == (2, 3, 8, 8)
     assert len((tmp_path / "run" / "model" / "train_prompts.txt").read_text().splitlines()) == 1404
+
+
+def test_bench_prompt_accuracy_columns(t2i_dir, tmp_path, capsys):
+    import csv
+
+    from ilf_runtime.fashion.data import load_fashion_mnist
+
+    try:
+        load_fashion_mnist("test")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    from ilf_runtime.cli import main
+    from ilf_runtime.fashion.evaluate_prompts import eval_prompts
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(sorted(set(eval_prompts(1)[0]))[:12]) + "\n")
+    stem = tmp_path / "b"
+    args = ["bench", "--model", str(t2i_dir), "--methods", "plain", "--solvers", "ddim", "--plain-steps", "2",
+            "--ref-steps", "3", "--per-class", "1", "--subsets", "2", "--time-batch", "4", "--repeats", "1",
+            "--grid-per-class", "0", "--prompts-file", str(prompts), "--out", str(stem), "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    md = stem.with_suffix(".md").read_text()
+    assert "colour acc | full-prompt acc ± SE" in md
+    with open(stem.with_suffix(".csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(0 <= float(r["prompt_accuracy"]) <= 1 for r in rows)
+    assert float(rows[0]["colour_accuracy"]) >= 0 and rows[0]["fid"]
+    before = [stem.with_suffix(s).read_bytes() for s in (".md", ".csv", ".json")]
+    assert main(["bench", "--report-only", "--out", str(stem)]) == 0
+    assert [stem.with_suffix(s).read_bytes() for s in (".md", ".csv", ".json")] == before

@@ -60,6 +60,8 @@ class BenchArgs:
         per_class: images per class (DiT) or per prompt (PixArt) for the quality columns.
         prompt: PixArt prompts (through the pipeline's text encoder).
         prompt_embeds: PixArt prompt embeddings file (safetensors: prompt_embeds [, masks, negative_*]).
+        prompts_file: a text file of prompts, one per line (after any ``prompt``); for the text-to-image
+            demo, prompts its metric reads add class, colour and full-prompt accuracy columns.
         guidance: classifier-free guidance scale (default: the model's).
         seed: seed of image 0; image i uses seed + i.
         subsets: disjoint subsets for the FID spread.
@@ -92,6 +94,7 @@ class BenchArgs:
     per_class: int = 200
     prompt: list[str] = field(default_factory=list)
     prompt_embeds: str | None = None
+    prompts_file: str | None = None
     guidance: float | None = None
     seed: int = 0
     subsets: int = 5

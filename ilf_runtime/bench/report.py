@@ -63,6 +63,18 @@ COLUMNS = [
 ]
 
 
+# text-to-image demo rows (`fashion.prompt_metric`): in the table, CSV and markdown only when measured
+PROMPT_COLUMNS = ["colour_accuracy", "prompt_accuracy", "prompt_accuracy_se"]
+
+
+def columns(result: dict[str, Any]) -> list[str]:
+    """The table's columns: `COLUMNS`, plus `PROMPT_COLUMNS` after class accuracy when a row has them."""
+    if not any("prompt_accuracy" in x for x in result["results"]):
+        return list(COLUMNS)
+    i = COLUMNS.index("class_accuracy") + 1
+    return COLUMNS[:i] + PROMPT_COLUMNS + COLUMNS[i:]
+
+
 CSV_CONTEXT = (
     "device",
     "dtype",
@@ -150,6 +162,7 @@ def table(result: dict[str, Any]) -> list[dict[str, Any]]:
         r.solver: x["time_per_image_s"] for r, x in zip(rows, res) if r.is_ref and r.steps == ref_steps
     }
     first = next(iter(ref_time.values()))
+    cols = columns(result)
     out = []
     for r, x in zip(rows, res):
         d = {"method": r.method, "setting": r.setting, "solver": r.solver, "steps": r.steps}
@@ -158,7 +171,7 @@ def table(result: dict[str, Any]) -> list[dict[str, Any]]:
         d["speedup"] = ref_time.get(r.solver, first) / x["time_per_image_s"]
         if r.is_ref and r.steps == ref_steps:
             d["ref"] = "self"
-        out.append({k: d.get(k) for k in COLUMNS})
+        out.append({k: d.get(k) for k in cols})
     return out
 
 
@@ -305,10 +318,12 @@ def _fmt(v: Any, spec: str) -> str:
 
 def markdown_table(result: dict[str, Any]) -> str:
     """The results table of STEM.md."""
+    prompts = "prompt_accuracy" in columns(result)
+    extra = " colour acc | full-prompt acc ± SE |" if prompts else ""
     head = (
         "| method | setting | solver | steps | block evals / image | time / image (ms) [min-max] | speed-up | "
-        "FID (subset mean ± std) | FID floor | class acc | PSNR vs ref (dB) ± SE | peak mem (MiB) |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|"
+        f"FID (subset mean ± std) | FID floor | class acc |{extra} PSNR vs ref (dB) ± SE | peak mem (MiB) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if prompts else "") + "---|---|"
     )
     lines = [head]
     for r in table(result):
@@ -318,6 +333,10 @@ def markdown_table(result: dict[str, Any]) -> str:
             else f"{r['fid']:.3f} ({r['fid_subset_mean']:.2f} ± {r['fid_subset_std']:.2f})"
         )
         acc = "-" if r["class_accuracy"] is None else f"{100 * r['class_accuracy']:.1f}%"
+        if prompts:
+            full = _fmt(r["prompt_accuracy"] and 100 * r["prompt_accuracy"], ".1f")
+            acc += f" | {_fmt(r['colour_accuracy'] and 100 * r['colour_accuracy'], '.1f')}% | {full} ± "
+            acc += f"{_fmt(r['prompt_accuracy_se'] and 100 * r['prompt_accuracy_se'], '.1f')}%"
         psnr = "ref" if r["ref"] == "self" else f"{r['psnr']:.2f} ± {r['psnr_se']:.2f}"
         t = f"{1000 * r['time_per_image_s']:.2f} [{1000 * r['time_min_s']:.2f}-{1000 * r['time_max_s']:.2f}]"
         lines.append(
@@ -377,7 +396,7 @@ def write_all(result: dict[str, Any], stem: str | Path) -> list[Path]:
     c = result["context"]
     ctx = {k: c[k] for k in CSV_CONTEXT}  # every CSV row carries what its numbers depend on
     with open(paths[0], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS + list(CSV_CONTEXT))
+        w = csv.DictWriter(f, fieldnames=columns(result) + list(CSV_CONTEXT))
         w.writeheader()
         w.writerows(r | ctx for r in tab)
     specs = [r.spec() for r in result["rows"]]

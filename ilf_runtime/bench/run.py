@@ -230,12 +230,57 @@ def time_rows(runner: Runner, rows: Sequence[Row], idx: Sequence[int], repeats: 
 # -- conditioning, quality ---------------------------------------------------------------------------
 
 
+def prompt_list(a: BenchArgs) -> list[str]:
+    """The run's prompts: ``--prompt`` flags, then the lines of ``--prompts-file``."""
+    from ilf_runtime.models import read_prompts
+
+    return list(a.prompt) + (read_prompts(a.prompts_file) if a.prompts_file else [])
+
+
 def conditioning(model: Any, a: BenchArgs, per: int) -> dict[str, torch.Tensor]:
     """Per-image conditioning, `per` images per condition (class or prompt), conditions interleaved
     so that every disjoint FID subset holds every class."""
     guided = (a.guidance if a.guidance is not None else model.guidance) > 1
-    items = model.adapter.condition_set(model, prompts=a.prompt, prompt_embeds=a.prompt_embeds, guided=guided)
+    prompts = prompt_list(a)
+    items = model.adapter.condition_set(
+        model, prompts=prompts or None, prompt_embeds=a.prompt_embeds, guided=guided
+    )
     return {k: v.cpu().repeat(per, *([1] * (v.ndim - 1))) for k, v in items.items()}
+
+
+def prompt_metrics_unavailable(model: Any, prompts: list[str]) -> str | None:
+    """None when the text-to-image demo's prompt accuracy can be measured on these prompts."""
+    from ilf_runtime.fashion.captions import parse
+    from ilf_runtime.fashion.evaluate_prompts import unsupported_reason
+
+    reason = unsupported_reason(model) if prompts else "no text prompts"
+    if reason is None and any(parse(p) is None for p in prompts):
+        reason = "some prompts name no single garment class and colour of the demo"
+    return reason
+
+
+def prompt_quality(images: torch.Tensor, prompts: list[str], a: BenchArgs) -> dict[str, Any]:
+    """A text-to-image demo row: class, colour and full-prompt accuracy, and the FID of the garments'
+    intensity with its spread and floor."""
+    from ilf_runtime.fashion.classifier import load_fashion_classifier
+    from ilf_runtime.fashion.evaluate import reference_sets
+    from ilf_runtime.fashion.prompt_metric import prompt_accuracy
+    from ilf_runtime.metrics import extract, fid_with_spread
+
+    clf = load_fashion_classifier()
+    acc = prompt_accuracy(images, prompts, clf)
+    sets = reference_sets(len(images), a.subsets, a.seed)
+    f = fid_with_spread(extract(clf.features, images.amax(1, keepdim=True)), sets["ref"], a.subsets)
+    return {
+        "fid": f["fid"],
+        "fid_subset_mean": f["subset_mean"],
+        "fid_subset_std": f["subset_std"],
+        "fid_floor": sets["floor"]["fid"],
+        "class_accuracy": acc["class"]["acc"],
+        "colour_accuracy": acc["colour"]["acc"],
+        "prompt_accuracy": acc["full"]["acc"],
+        "prompt_accuracy_se": acc["full"]["se"],
+    }
 
 
 def fashion_metrics_unavailable(model: Any) -> str | None:
@@ -289,7 +334,11 @@ def run_bench(a: BenchArgs) -> dict[str, Any] | None:
     items = conditioning(model, a, a.per_class)
     n = len(next(iter(items.values())))
     runner = Runner(model, items, list(range(a.seed, a.seed + n)), a.guidance)
-    no_fid = fashion_metrics_unavailable(model)
+    texts = prompt_list(a) * a.per_class  # per image, in the order of `conditioning`
+    no_prompt_metric = (
+        prompt_metrics_unavailable(model, texts) if not model.adapter.class_conditional else "-"
+    )
+    no_fid = fashion_metrics_unavailable(model) if no_prompt_metric else None
     batches = [range(lo, min(lo + a.batch_size, n)) for lo in range(0, n, a.batch_size)]
     mine = [batches[i] for i in shard(len(batches), info)]
     if info.is_main:
@@ -307,7 +356,10 @@ def run_bench(a: BenchArgs) -> dict[str, Any] | None:
         if not info.is_main:
             continue
         res: dict[str, Any] = {"block_evals_per_image": round(evals / n, 3), "n": n}
-        res |= quality(imgs, items.get("class_labels"), a, no_fid is None)
+        if no_prompt_metric is None:
+            res |= prompt_quality(imgs, texts, a)
+        else:
+            res |= quality(imgs, items.get("class_labels"), a, no_fid is None)
         if row.is_ref and row.steps == a.ref_steps and row.solver not in refs:
             refs[row.solver] = imgs
         ref_solver = row.solver if row.solver in refs else next(iter(refs))

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ilf_runtime.distributed import DistInfo
-from ilf_runtime.models import Conditioning
+from ilf_runtime.models import Conditioning, read_prompts
 from ilf_runtime.sampling import make_noise, predict
 from ilf_runtime.solvers import SolverState, make_solver
 from ilf_runtime.train.args import TrainArgs
@@ -43,17 +43,6 @@ def _alphas(scheduler, device) -> torch.Tensor:
 def _noised(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, acp: torch.Tensor) -> torch.Tensor:
     a = acp[t].view(-1, 1, 1, 1)
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
-
-
-def read_prompts(path: str) -> list[str]:
-    """The non-empty lines of a prompts file."""
-    try:
-        lines = [ln.strip() for ln in Path(path).read_text().splitlines()]
-    except OSError as e:
-        raise ValueError(f"prompts file {path}: cannot read ({e.strerror})") from None
-    if not any(lines):
-        raise ValueError(f"prompts file {path}: no prompts (expected one per line)")
-    return [ln for ln in lines if ln]
 
 
 class CondSource:
