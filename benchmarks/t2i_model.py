@@ -52,7 +52,9 @@ def progress(a: argparse.Namespace) -> int:
     if not out.is_file():
         out.write_text(
             "# fashion-t2i training progress\n\nPer exported checkpoint: 20 DDIM steps, "
-            f"{a.per_prompt} images per (class, colour) prompt, seeds 0.., `benchmarks/t2i_model.py progress`.\n\n"
+            f"{a.per_prompt} images per (class, colour) prompt (seeds from 0), `benchmarks/t2i_model.py progress`, "
+            f"{r['context']['dtype']}, {r['context']['threads']} threads, torch {r['context']['torch']}, "
+            f"diffusers {r['context']['diffusers']}.\n\n"
             "| step | train minutes | loss (mean of last 500 steps) | guidance | class acc | colour acc | "
             "full-prompt acc | full, held-out pairs | FID |\n|---|---|---|---|---|---|---|---|---|\n"
         )
