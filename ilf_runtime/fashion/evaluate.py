@@ -33,6 +33,7 @@ __all__ = [
     "paired_vs_ref",
     "reference_sets",
     "run_context",
+    "run_summary",
     "write_results",
 ]
 
@@ -128,14 +129,7 @@ def evaluate(model: Any, a: EvalArgs, *, progress: bool = True) -> dict[str, Any
     sets = reference_sets(n, a.subsets, a.seed)
     feats = extract(clf.features, out.images)
     result: dict[str, Any] = {
-        "model": m.name or type(m.transformer).__name__,
-        "args": asdict(a),
-        "n": n,
-        "seeds": [seeds[0], seeds[-1]],
-        "seconds": round(out.seconds, 2),
-        "images_per_s": round(n / out.seconds, 2),
-        "block_evals_per_image": out.info["block_evals_per_image"],
-        "solver": out.info["solver"],
+        **run_summary(m, a, out),
         "fid": fid_with_spread(feats, sets["ref"], a.subsets),
         "fid_floor": sets["floor"],
         "class_accuracy": class_accuracy(clf, out.images, labels),
@@ -150,6 +144,22 @@ def evaluate(model: Any, a: EvalArgs, *, progress: bool = True) -> dict[str, Any
     for key in ("fid", "fid_floor"):
         result[key] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result[key].items()}
     return result
+
+
+def run_summary(m: Any, a: Any, out: Any) -> dict[str, Any]:
+    """The head of an evaluation's result: model, arguments, images, seeds, time and cost of `out`
+    (a `pipelines.SampleOutput`)."""
+    n = len(out.seeds)
+    return {
+        "model": m.name or type(m.transformer).__name__,
+        "args": asdict(a),
+        "n": n,
+        "seeds": [out.seeds[0], out.seeds[-1]],
+        "seconds": round(out.seconds, 2),
+        "images_per_s": round(n / out.seconds, 2),
+        "block_evals_per_image": out.info["block_evals_per_image"],
+        "solver": out.info["solver"],
+    }
 
 
 def run_context(m: Any) -> dict[str, Any]:

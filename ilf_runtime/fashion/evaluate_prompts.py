@@ -12,14 +12,14 @@ plain sampler at ``ref_steps``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from ilf_runtime.fashion.captions import COLOURS, HELD_OUT, caption
 from ilf_runtime.fashion.classifier import load_fashion_classifier
-from ilf_runtime.fashion.evaluate import EvalArgs, paired_vs_ref, reference_sets, run_context
+from ilf_runtime.fashion.evaluate import EvalArgs, paired_vs_ref, reference_sets, run_context, run_summary
 from ilf_runtime.fashion.prompt_metric import prompt_accuracy, shuffled
 from ilf_runtime.fashion.scenes import CaptionedSet
 from ilf_runtime.metrics import extract, fid_with_spread
@@ -96,14 +96,7 @@ def evaluate_prompts(model: Any, a: EvalArgs, *, progress: bool = True) -> dict[
     feats = extract(clf.features, images.amax(1, keepdim=True))  # the garments' intensity
     result: dict[str, Any] = {
         "kind": "prompts",
-        "model": m.name or type(m.transformer).__name__,
-        "args": asdict(a),
-        "n": n,
-        "seeds": [seeds[0], seeds[-1]],
-        "seconds": round(out.seconds, 2),
-        "images_per_s": round(n / out.seconds, 2),
-        "block_evals_per_image": out.info["block_evals_per_image"],
-        "solver": out.info["solver"],
+        **run_summary(m, a, out),
         "accuracy": _split(lambda x, p: prompt_accuracy(x, p, clf), images, prompts, held),
         "ceiling": _split(lambda x, p: prompt_accuracy(x, p, clf), (truth + 1) / 2, prompts, held),
         "shuffled": prompt_accuracy(images, shuffled(prompts, a.seed), clf),
