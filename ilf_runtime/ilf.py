@@ -75,6 +75,7 @@ class FeedbackLoop(nn.Module):
         ref = next(feedback.parameters())
         self.scales = nn.Parameter(torch.zeros(shape, device=ref.device, dtype=ref.dtype))
         self.active = True
+        self.stepping = False  # True while this project's sampler or trainer sets `active` per step
         self._adapter: ModelAdapter | None = None
         self._owner: weakref.ref | None = None
         self._handles: list[Any] = []
@@ -100,6 +101,11 @@ class FeedbackLoop(nn.Module):
             blocks[a].register_forward_pre_hook(self._on_loop_start, with_kwargs=True),
             blocks[b].register_forward_hook(self._on_loop_end, with_kwargs=True),
         ]
+
+    def adopt_hook(self, handle: Any) -> None:
+        """Removes `handle` (a hook that belongs with this loop, e.g. a stock pipeline's step
+        schedule) together with the loop's own hooks."""
+        self._handles.append(handle)
 
     def _detach(self) -> None:
         for h in self._handles:

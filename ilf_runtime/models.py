@@ -116,6 +116,10 @@ class ModelAdapter:
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
+    def stock_pipeline(self, transformer: nn.Module, vae: Any, scheduler: Any) -> Any:
+        """The stock diffusers pipeline of this kind around these parts (those it can take alone)."""
+        raise NotImplementedError
+
     # -- conditioning --------------------------------------------------------------------------
     def num_classes(self, transformer: nn.Module) -> int | None:
         """Class count of a class-conditional model, else None."""
@@ -215,6 +219,11 @@ class DiTAdapter(ModelAdapter):
         null = torch.full_like(labels, num_classes)
         return Conditioning(self, {"class_labels": torch.cat([labels, null])}, {"class_labels": labels})
 
+    def stock_pipeline(self, transformer: nn.Module, vae: Any, scheduler: Any) -> Any:
+        from diffusers import DiTPipeline
+
+        return DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler)
+
     def condition_set(self, model: Any, *, prompts=None, prompt_embeds=None, guided: bool = False):
         if prompts or prompt_embeds:
             raise ValueError("this is a class-conditional DiT model: it takes class labels, not prompts")
@@ -252,6 +261,12 @@ class PixArtAdapter(ModelAdapter):
     class_conditional = False
     uncond_first = True  # the PixArt pipelines stack (negative, positive)
     last_step_predicts_x0 = True  # PixArt's one-step (DMD) path returns the x0 prediction
+
+    def stock_pipeline(self, transformer: nn.Module, vae: Any, scheduler: Any) -> Any:
+        raise ValueError(
+            "a PixArt pipeline needs its text encoder and tokenizer: load the model with load_model "
+            "(a directory naming its encoder in ilf_defaults.json) or diffusers' from_pretrained"
+        )
 
     def caption_channels(self, transformer: nn.Module) -> int:
         c = transformer.config

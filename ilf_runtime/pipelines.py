@@ -13,7 +13,7 @@ import torch
 
 from ilf_runtime.config import ILFConfig
 from ilf_runtime.ilf import apply_ilf, get_ilf, remove_ilf
-from ilf_runtime.registry import Model, to_model
+from ilf_runtime.registry import MODEL_NAMES, Model, resolve_weights, to_model
 from ilf_runtime.sampling import denoise, make_noise
 
 __all__ = ["SampleOutput", "decode", "sample"]
@@ -77,7 +77,8 @@ def sample(
         seeds: one noise seed per image; default ``seed, seed + 1, ...``.
         solver: ``"ddim"`` or ``"dpmpp_2m"``; default: the scheduler's own kind.
         scheduler: a diffusers scheduler (or config) to take the noise schedule from.
-        ilf: an `ILFConfig` or feedback weights file to apply for this call (removed afterwards);
+        ilf: an `ILFConfig` or feedback weights file to apply for this call (removed afterwards),
+            or ``shipped`` / ``shipped:NAME`` (`registry.shipped_weights` of the model);
             if the model already carries a loop, that loop is used.
         loop_steps: which steps run the loop (see `ILFConfig.loop_steps`); default: the config's.
         batch_size: images per forward batch; default all at once.
@@ -126,6 +127,10 @@ def sample(
     if ilf is not None:
         if get_ilf(m.transformer) is not None:
             raise RuntimeError("the model already carries an ILF loop; pass ilf=None or remove it first")
+        if isinstance(ilf, str) and ilf.startswith("shipped"):  # the files beside the model
+            ilf = resolve_weights(
+                ilf, m.name if m.name in MODEL_NAMES else m.transformer.config._name_or_path
+            )
         attached = apply_ilf(m.transformer, ilf)
     loop = get_ilf(m.transformer)
     try:

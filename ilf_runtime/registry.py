@@ -62,27 +62,40 @@ SHIPPED_WEIGHTS = {
         "aggressive": "feedback-aggressive.safetensors",
         "dpmpp": "feedback-dpmpp.safetensors",
     },
+    "fashion-t2i": {"default": "feedback.safetensors"},
 }
 
 
-def shipped_weights(model_name: str) -> dict[str, Path]:
-    """The feedback weights files shipped for built-in model `model_name` that are present."""
-    files = SHIPPED_WEIGHTS.get(model_name, {})
-    where = MODEL_NAMES.get(model_name, (None, None))[0]
-    if not files or where is None or callable(where):
+def shipped_weights(model: str | PathLike) -> dict[str, Path]:
+    """The feedback weights files shipped beside a model: a built-in name, or a model directory
+    (a built-in's folder under any name, or one's own with ``feedback.safetensors`` /
+    ``feedback-NAME.safetensors`` beside its config). Only files that are present."""
+    entry = MODEL_NAMES.get(str(model))
+    where = entry[0] if entry is not None else Path(model)
+    if callable(where) or not Path(where).is_dir():
         return {}
-    return {k: Path(where) / f for k, f in files.items() if (Path(where) / f).is_file()}
+    where = Path(where).resolve()
+    for name, (d, _) in MODEL_NAMES.items():  # a built-in's folder, given by its path
+        if not callable(d) and Path(d).resolve() == where and name in SHIPPED_WEIGHTS:
+            files = SHIPPED_WEIGHTS[name]
+            break
+    else:
+        files = {"default": "feedback.safetensors"} | {
+            f.stem.removeprefix("feedback-"): f.name for f in sorted(where.glob("feedback-*.safetensors"))
+        }
+    return {k: where / f for k, f in files.items() if (where / f).is_file()}
 
 
-def resolve_weights(spec: str | PathLike | None, model_name: str) -> str | None:
-    """A weights argument as given by a user: a path, or ``shipped`` / ``shipped:NAME``."""
+def resolve_weights(spec: str | PathLike | None, model: str | PathLike) -> str | None:
+    """A weights argument as given by a user: a path, or ``shipped`` / ``shipped:NAME`` (the files
+    `shipped_weights(model)` finds beside the model)."""
     if spec is None or not str(spec).startswith("shipped"):
         return None if spec is None else str(spec)
     name = str(spec).partition(":")[2] or "default"
-    have = shipped_weights(model_name)
+    have = shipped_weights(model)
     if name not in have:
         raise FileNotFoundError(
-            f"weights {spec!r}: model {model_name!r} ships "
+            f"weights {spec!r}: model {str(model)!r} ships "
             + (", ".join(f"shipped:{k}" for k in have) if have else "no feedback weights")
         )
     return str(have[name])
@@ -116,6 +129,13 @@ MODEL_NAMES = {
         ASSETS / "fashion-dit",
         "the bundled 12-block DiT trained on Fashion-MNIST (16x16, pixel space, 10 classes)",
     ),
+    "fashion-t2i": (
+        ASSETS / "fashion-t2i",
+        (
+            "the bundled 12-block PixArt text-to-image model: a Fashion-MNIST garment in the colour the "
+            "prompt names (16x16 RGB, pixel space; text encoder all-MiniLM-L6-v2)"
+        ),
+    ),
     "tiny-random": (
         _tiny_random_dit,
         "randomly initialised 12-block DiT (16x16x1, 10 classes), built at run time; random weights",
@@ -135,6 +155,7 @@ class Model:
     note: str = ""
     default_guidance: float | None = None
     encode_kwargs: dict[str, Any] = field(default_factory=dict)  # for the pipeline's encode_prompt
+    example_prompts: list[str] = field(default_factory=list)  # a text model's demo grid
     adapter: ModelAdapter = field(init=False)
 
     def __post_init__(self) -> None:
@@ -232,6 +253,7 @@ def load_model(
     else:
         model = Model(transformer, scheduler, name=name)
     model.default_guidance = defaults.get("guidance_scale")
+    model.example_prompts = [str(p) for p in defaults.get("example_prompts", [])]
     if "max_sequence_length" in defaults:
         model.encode_kwargs = {
             "max_sequence_length": int(defaults["max_sequence_length"]),
@@ -250,4 +272,6 @@ def to_model(obj: Any) -> Model:
     is_pipe = transformer is not obj
     sched = obj.scheduler if is_pipe else scheduler_from_config(DEFAULT_SCHEDULER)
     vae = getattr(obj, "vae", None) if is_pipe else None
+    if getattr(vae, "is_identity", False):  # stock.PixelDecoder of a pixel-space pipeline
+        vae = None
     return Model(transformer, sched, vae=vae, pipeline=obj if is_pipe else None)

@@ -151,6 +151,8 @@ def run_steps(
     n = solver.num_steps
     loop = get_ilf(transformer)
     state = solver.init_state()
+    if loop is not None:
+        loop.stepping = True
     try:
         for i in range(n):
             if loop is not None:
@@ -166,5 +168,5 @@ def run_steps(
                 on_step(i)
     finally:
         if loop is not None:
-            loop.active = True
+            loop.active, loop.stepping = True, False
     return x

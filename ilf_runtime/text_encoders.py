@@ -47,9 +47,12 @@ def load_text_encoder() -> tuple[Any, Any]:
 
 
 def text_pipeline(name: str, transformer: Any = None, scheduler: Any = None) -> Any:
-    """A diffusers `PixArtAlphaPipeline` around text encoder `name` (no VAE: pixel space), with
-    `transformer` and `scheduler` if given: the stock pipeline, taking prompts."""
+    """A diffusers `PixArtAlphaPipeline` around text encoder `name`, with `transformer` and
+    `scheduler` if given: the stock pipeline, taking prompts. Pixel space: a `PixelDecoder`
+    (the identity) stands in for the VAE, so ``pipe(prompt, output_type="pt")`` returns images."""
     from diffusers import DDIMScheduler, PixArtAlphaPipeline
+
+    from ilf_runtime.pixel_decoder import PixelDecoder
 
     if name != ENCODER_PACKAGE:
         raise ValueError(f"unknown text encoder {name!r}; known: {ENCODER_PACKAGE}")
@@ -57,7 +60,7 @@ def text_pipeline(name: str, transformer: Any = None, scheduler: Any = None) -> 
     return PixArtAlphaPipeline(
         tokenizer=tokenizer,
         text_encoder=encoder,
-        vae=None,
+        vae=PixelDecoder(),
         transformer=transformer,
         scheduler=scheduler if scheduler is not None else DDIMScheduler(),
     )

@@ -37,8 +37,7 @@ from ilf_runtime.bench.plan import (
     default_rows,
     weights_files,
 )
-from ilf_runtime.bench.run import load_bench_model, run_bench, side_by_side
-from ilf_runtime.models import ADAPTERS
+from ilf_runtime.bench.run import load_bench_model, prompt_list, run_bench, side_by_side
 
 __all__ = [
     "DEFAULT_SHIPPED",
@@ -91,17 +90,19 @@ def main_from_args(args: argparse.Namespace) -> int:
         return 0
     paths = report.write_all(result, a.out)
     files = [r.weights for r in result["rows"] if r.method == "ilf"]
-    if a.grid_per_class and files and ADAPTERS[result["context"]["model_kind"]].class_conditional:
+    if a.grid_per_class and files:
         paths.append(_grid(a, files[0], a.grid_per_class))
     _print_report(result, paths)
     return 0
 
 
 def _grid(a: BenchArgs, weights: str, per_class: int) -> Path:
+    model = load_bench_model(a)
     r = side_by_side(
-        load_bench_model(a),
+        model,
         weights,
         f"{a.out}_grid.png",
+        prompts=prompt_list(a) or model.example_prompts,  # ignored by class-conditional models
         per_class=per_class,
         seed=a.seed,
         ref_steps=a.ref_steps,

@@ -92,8 +92,11 @@ def pareto_plot(
     return path
 
 
-def save_side_by_side(panels: list[dict[str, Any]], out: str | Path, per_class: int) -> Path:
-    """Panels side by side, each a grid with one row per class, titled with its time and speed-up."""
+def save_side_by_side(
+    panels: list[dict[str, Any]], out: str | Path, per_class: int, row_labels: list[str] | None = None
+) -> Path:
+    """Panels side by side, each a grid with one row per class (or prompt), titled with its time and
+    speed-up; ``row_labels`` (prompts) are written left of the first panel, one per row."""
     from PIL import Image, ImageDraw
 
     from ilf_runtime.images import make_grid
@@ -104,19 +107,23 @@ def save_side_by_side(panels: list[dict[str, Any]], out: str | Path, per_class: 
         arrs.append((g * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
     h = max(a.shape[0] for a in arrs)
     gap, top = 16, 30
+    left = 6 * max(len(t) for t in row_labels) + 8 if row_labels else 0
     widths = [max(a.shape[1], 6 * len(p["title"]) + 4) for p, a in zip(panels, arrs)]  # room for the title
-    width = sum(widths) + gap * (len(arrs) - 1)
+    width = left + sum(widths) + gap * (len(arrs) - 1)
     mode = "L" if arrs[0].shape[2] == 1 else "RGB"
+    ink = 0 if mode == "L" else (0, 0, 0)
     canvas = Image.new(mode, (width, h + top), color=255 if mode == "L" else (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    x = 0
+    if row_labels:
+        cell = h / len(row_labels)  # make_grid: one row per label, equal heights
+        for i, t in enumerate(row_labels):
+            draw.text((2, top + int((i + 0.5) * cell) - 5), t, fill=ink)
+    x = left
     for p, a, w in zip(panels, arrs, widths):
         img = Image.fromarray(a[:, :, 0] if mode == "L" else a[:, :, :3])
         canvas.paste(img, (x, top))
-        draw.text((x + 2, 2), p["title"], fill=0 if mode == "L" else (0, 0, 0))
-        draw.text(
-            (x + 2, 15), f"{p['seconds']:.2f} s, {p['speedup']:.2f}x", fill=0 if mode == "L" else (0, 0, 0)
-        )
+        draw.text((x + 2, 2), p["title"], fill=ink)
+        draw.text((x + 2, 15), f"{p['seconds']:.2f} s, {p['speedup']:.2f}x", fill=ink)
         x += w + gap
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -395,6 +395,7 @@ def side_by_side(
     out: str | Path,
     *,
     classes: Sequence[int] | None = None,
+    prompts: Sequence[str] | None = None,
     per_class: int = 4,
     seed: int = 0,
     ref_steps: int = 20,
@@ -402,7 +403,9 @@ def side_by_side(
     repeats: int = 1,
 ) -> dict[str, Any]:
     """A grid of three panels from the same noise and labels: plain ``ref_steps`` | ILF (the
-    weights' own sampler) | plain at ILF's cost in block evaluations (or ``equal_steps``).
+    weights' own sampler) | plain at ILF's cost in block evaluations (or ``equal_steps``). One row
+    per class (class-conditional models) or per prompt (text-conditioned models, which need
+    ``prompts``), ``per_class`` images each.
 
     Each panel's time is that of sampling the whole grid after a small warm-up run; with
     ``repeats`` > 1, the median of that run and ``repeats - 1`` more passes over the three panels,
@@ -412,25 +415,35 @@ def side_by_side(
     from ilf_runtime.weights import load_ilf_weights
 
     m = to_model(model)
-    if not m.adapter.class_conditional:
-        raise ValueError(f"side_by_side takes a class-conditional model, not a {m.adapter.transformer_class}")
     w = load_ilf_weights(weights)
     s = w.sampler
     steps, solver, ls = int(s.get("num_steps", 10)), s.get("solver"), s.get("loop_steps")
     num_layers = len(m.transformer.transformer_blocks)
     if equal_steps is None:
         equal_steps = max(1, round(w.config.block_evals(num_layers, steps, ls) / num_layers))
-    k = m.adapter.num_classes(m.transformer)
-    classes = list(range(min(k, 10))) if classes is None else list(classes)
-    labels = torch.tensor([c for c in classes for _ in range(per_class)])
-    runner = Runner(m, {"class_labels": labels}, list(range(seed, seed + len(labels))), m.guidance)
+    if m.adapter.class_conditional:
+        k = m.adapter.num_classes(m.transformer)
+        classes = list(range(min(k, 10))) if classes is None else list(classes)
+        items = {"class_labels": torch.tensor(classes)}
+        rows = [str(c) for c in classes]
+    else:
+        if not prompts:
+            raise ValueError(
+                "the grid of a text-conditioned model needs prompts (--prompt or --prompts-file), found none"
+            )
+        items = m.adapter.condition_set(m, prompts=list(prompts), guided=m.guidance > 1)
+        rows = list(prompts)
+    # [n_rows * per_class, ...]: each condition's images next to each other (one grid row)
+    items = {k: v.cpu().repeat_interleave(per_class, dim=0) for k, v in items.items()}
+    n = len(rows) * per_class
+    runner = Runner(m, items, list(range(seed, seed + n)), m.guidance)
     runner.weights(str(weights), loaded=w)
     panels = [
         (f"plain {ref_steps} steps", Row("plain", "", solver, ref_steps)),
         (f"ILF {steps} steps", Row("ilf", "", solver, steps, str(weights), ls)),
         (f"plain {equal_steps} steps (equal cost)", Row("plain", "", solver, equal_steps)),
     ]  # a solver of None (the weights record none): the model's scheduler for all three
-    idx = range(len(labels))
+    idx = range(n)
     shown = []
     for title, row in panels:
         with runner.attached(row) as cb:
@@ -445,5 +458,5 @@ def side_by_side(
     for p in shown:
         p["seconds"] = statistics.median(p.pop("times"))
         p["speedup"] = shown[0]["seconds"] / p["seconds"]
-    save_side_by_side(shown, out, per_class)
+    save_side_by_side(shown, out, per_class, row_labels=None if m.adapter.class_conditional else rows)
     return {"out": str(out), "panels": [{k: v for k, v in p.items() if k != "images"} for p in shown]}
