@@ -36,6 +36,7 @@ def t2i_dir(tmp_path_factory):
         "text_encoder": text_encoders.ENCODER_PACKAGE,
         "max_sequence_length": 16,
         "guidance_scale": 3.0,
+        "example_prompts": ["a red sneaker", "a blue bag"],
     }
     (d / "ilf_defaults.json").write_text(json.dumps(defaults))
     return d
@@ -200,3 +201,28 @@ def test_bench_prompt_accuracy_columns(t2i_dir, tmp_path, capsys):
     before = [stem.with_suffix(s).read_bytes() for s in (".md", ".csv", ".json")]
     assert main(["bench", "--report-only", "--out", str(stem)]) == 0
     assert [stem.with_suffix(s).read_bytes() for s in (".md", ".csv", ".json")] == before
+
+
+def test_bench_grid_has_a_row_per_prompt(t2i_dir, tmp_path, capsys):
+    """The main job's side-by-side grid on a text-to-image model: one row per prompt (the model's
+    example prompts unless --prompt is given), labelled, in each of the three panels."""
+    from PIL import Image
+
+    from ilf_runtime import ILFConfig, apply_ilf, load_model, remove_ilf, save_ilf_weights
+    from ilf_runtime.cli import main
+
+    m = load_model(t2i_dir)
+    loop = apply_ilf(m, ILFConfig(loop_start=0, loop_end=1, loop_steps="last:1"))
+    with torch.no_grad():
+        loop.scales.fill_(0.5)
+    w = save_ilf_weights(tmp_path / "fb.safetensors", m, sampler={"num_steps": 2, "loop_steps": "last:1"})
+    remove_ilf(m)
+    args = ["bench", "--grid-only", "--model", str(t2i_dir), "--weights", str(w), "--ref-steps", "3",
+            "--grid-per-class", "2", "--repeats", "2", "--no-progress"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "ILF 2 steps" in out and "2 interleaved passes" in out
+    assert main([*args, "--prompt", "a red sneaker", "--prompt", "a blue bag", "--prompt", "a green coat",
+                 "--out", str(tmp_path / "b")]) == 0  # fmt: skip
+    with Image.open(tmp_path / "a_grid.png") as a, Image.open(tmp_path / "b_grid.png") as b:
+        assert a.mode == "RGB" and b.size[1] > a.size[1]  # three rows of prompts against two

@@ -28,6 +28,7 @@ from typing import Any
 
 from ilf_runtime import caches, cliargs
 from ilf_runtime.bench import report
+from ilf_runtime.bench.machine import timing_threads
 from ilf_runtime.bench.plan import (
     DEFAULT_SHIPPED,
     DEFAULT_SWEEPS,
@@ -98,6 +99,10 @@ def main_from_args(args: argparse.Namespace) -> int:
 
 def _grid(a: BenchArgs, weights: str, per_class: int) -> Path:
     model = load_bench_model(a)
+    import torch
+
+    threads, _ = timing_threads(a.time_threads)
+    torch.set_num_threads(threads)
     r = side_by_side(
         model,
         weights,
@@ -107,6 +112,7 @@ def _grid(a: BenchArgs, weights: str, per_class: int) -> Path:
         seed=a.seed,
         ref_steps=a.ref_steps,
         repeats=a.repeats,
+        progress=a.progress,
     )
     report.print_side_by_side(r)
     return Path(r["out"])

@@ -68,7 +68,7 @@ class BenchArgs:
         batch_size: images per batch for the quality columns.
         time_batch: images per timed run.
         repeats: timed passes after the warm-up pass.
-        time_threads: torch threads for the timing phase (0: leave as is).
+        time_threads: torch threads for the timing phase (0: OMP_NUM_THREADS if set, else the physical cores).
         device: torch device (cpu, cuda, cuda:1, ...).
         dtype: model dtype.
         fused: run the fused block forward (`ilf_runtime.fused.apply_fused_blocks`) on the loaded model;
@@ -80,7 +80,7 @@ class BenchArgs:
         grid_only: only the side-by-side grid and its timings (the main job), no table.
         report_only: rebuild STEM.md, STEM.csv, STEM.json and STEM_pareto.png of a finished run from
             STEM.json and STEM_per_image.safetensors, sampling nothing.
-        progress: log each row as it finishes.
+        progress: progress bars with an ETA (on a terminal) and a log line per row.
     """
 
     model: str = "fashion-dit"

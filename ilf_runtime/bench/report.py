@@ -454,10 +454,19 @@ def write_all(result: dict[str, Any], stem: str | Path) -> list[Path]:
 
 
 def print_side_by_side(r: dict[str, Any]) -> None:
-    """Prints what `run.side_by_side` returns: the grid's path and each panel's time and cost."""
+    """Prints what `run.side_by_side` returns: the grid's path, each panel's time (median and range
+    over its passes) and cost, the context, and a warning when the machine was busy."""
+    c = r["context"]
     print(f"wrote {r['out']} (same noise and labels in every panel)")
+    print(
+        f"  {c['images']} images per panel on {c['device']}, {c['dtype']}, {c['threads']} threads; "
+        f"times: median [min-max] of {r['panels'][0]['passes']} interleaved passes after a warm-up"
+    )
     for p in r["panels"]:
         print(
-            f"  {p['title']}: {p['seconds']:.3f} s, {p['block_evals_per_image']:g} block evaluations per image, "
+            f"  {p['title']}: {p['seconds']:.3f} s [{p['seconds_min']:.3f}-{p['seconds_max']:.3f}], "
+            f"{p['block_evals_per_image']:g} block evaluations per image, "
             f"speed-up {p['speedup']:.2f}x vs {r['panels'][0]['title']}"
         )
+    if c.get("busy"):
+        print(f"  WARNING: {c['busy']}")

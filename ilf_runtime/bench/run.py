@@ -18,6 +18,7 @@ import torch
 
 from ilf_runtime import caches
 from ilf_runtime.bench import report
+from ilf_runtime.bench.machine import CpuWatch, progress_bar, timing_threads
 from ilf_runtime.bench.plan import BenchArgs, Row, default_rows, weights_files
 from ilf_runtime.registry import DTYPES
 
@@ -202,21 +203,28 @@ class PeakMemory:
             self.peak = max(self.peak, self._rss())
 
 
-def time_rows(runner: Runner, rows: Sequence[Row], idx: Sequence[int], repeats: int) -> list[dict[str, Any]]:
-    """Warm-up pass (with peak memory), then `repeats` interleaved passes; per row the median."""
+def time_rows(
+    runner: Runner, rows: Sequence[Row], idx: Sequence[int], repeats: int, show: bool = False
+) -> list[dict[str, Any]]:
+    """Warm-up pass (with peak memory), then `repeats` interleaved passes; per row the median and
+    the range."""
     device = runner.model.device
     mem = []
+    bar = progress_bar(len(rows) * (1 + repeats), "timing (warm-up, then interleaved passes)", show)
     for row in rows:
         with PeakMemory(device) as pm:
             runner.time_once(row, idx)
         mem.append(pm.peak / 2**20)
+        bar.update()
     times: list[list[float]] = [[] for _ in rows]
     for r in range(repeats):
         for k in range(len(rows)):
             j = (k + r) % len(rows)  # rotate the order so no row always runs first or last
             times[j].append(runner.time_once(rows[j], idx) / len(idx))
+            bar.update()
         logger.info("timing pass %d/%d done", r + 1, repeats)
-    return [
+    bar.close()
+    out = [
         {
             "time_per_image_s": statistics.median(t),
             "time_min_s": min(t),
@@ -225,6 +233,7 @@ def time_rows(runner: Runner, rows: Sequence[Row], idx: Sequence[int], repeats: 
         }
         for t, m in zip(times, mem)
     ]
+    return out
 
 
 # -- conditioning, quality ---------------------------------------------------------------------------
@@ -346,8 +355,10 @@ def run_bench(a: BenchArgs) -> dict[str, Any] | None:
 
     refs: dict[str, torch.Tensor] = {}
     results: list[dict[str, Any]] = []
+    bar = progress_bar(len(rows), "quality rows", a.progress and info.is_main)
     for row in rows:
         t0 = time.perf_counter()
+        bar.set_postfix_str(row.label)
         imgs, evals = runner.quality_images(row, mine)
         imgs = all_gather_cat(imgs.to(info.device), info).cpu()
         evals = float(
@@ -367,20 +378,33 @@ def run_bench(a: BenchArgs) -> dict[str, Any] | None:
         res |= {"psnr": p["psnr"], "psnr_se": p["psnr_se"], "ref": f"plain {ref_solver} {a.ref_steps}"}
         res["per_image_psnr"] = p["per_image_psnr"]
         results.append(res)
+        bar.update()
         if a.progress:
             logger.info(
                 "[%d/%d] %s: quality in %.1f s", len(results), len(rows), row.label, time.perf_counter() - t0
             )
+    bar.close()
     barrier(info)
     if not info.is_main:
         return None
-    if a.time_threads:
-        torch.set_num_threads(a.time_threads)
+    threads, why = timing_threads(a.time_threads)
+    torch.set_num_threads(threads)
     tidx = list(range(min(a.time_batch, n)))
-    for res, t in zip(results, time_rows(runner, rows, tidx, a.repeats)):
+    with CpuWatch() as watch:  # other processes' CPU use while timing
+        timed = time_rows(runner, rows, tidx, a.repeats, a.progress)
+    for res, t in zip(results, timed):
         res |= t
+    busy = watch.note()
+    if busy:
+        logger.warning("%s", busy)
+    ctx = report.context(model, a, info, n, len(tidx), no_fid, started)
     return {
-        "context": report.context(model, a, info, n, len(tidx), no_fid, started) | {"notes": missing},
+        "context": ctx
+        | {
+            "notes": missing + ([busy] if busy else []),
+            "time_threads_from": why,
+            "other_processes_cores": watch.other_cores,
+        },
         "rows": rows,
         "results": results,
     }
@@ -401,6 +425,7 @@ def side_by_side(
     ref_steps: int = 20,
     equal_steps: int | None = None,
     repeats: int = 1,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """A grid of three panels from the same noise and labels: plain ``ref_steps`` | ILF (the
     weights' own sampler) | plain at ILF's cost in block evaluations (or ``equal_steps``). One row
@@ -408,8 +433,10 @@ def side_by_side(
     ``prompts``), ``per_class`` images each.
 
     Each panel's time is that of sampling the whole grid after a small warm-up run; with
-    ``repeats`` > 1, the median of that run and ``repeats - 1`` more passes over the three panels,
-    interleaved. Returns the panels' steps, seconds, block evaluations and speed-up over the first."""
+    ``repeats`` > 1, the median (and range) of that run and ``repeats - 1`` more passes over the
+    three panels, interleaved with the order rotated. Returns the panels' steps, seconds, block
+    evaluations and speed-up over the first, and the context (device, dtype, threads, and a note
+    when other processes used the CPU while timing)."""
     from ilf_runtime.bench.plots import save_side_by_side
     from ilf_runtime.registry import to_model
     from ilf_runtime.weights import load_ilf_weights
@@ -445,18 +472,37 @@ def side_by_side(
     ]  # a solver of None (the weights record none): the model's scheduler for all three
     idx = range(n)
     shown = []
-    for title, row in panels:
-        with runner.attached(row) as cb:
-            runner.sample(row, idx[: min(len(idx), 8)], cb)  # warm-up
-            with caches.BlockEvalCounter(m.transformer) as ctr:
-                o = runner.sample(row, idx, cb)
-        shown.append({"title": title, "steps": row.steps, "images": o.images, "times": [o.seconds]})
-        shown[-1]["block_evals_per_image"] = ctr.count
-    for _ in range(repeats - 1):
-        for p, (_, row) in zip(shown, panels):
-            p["times"].append(runner.time_once(row, idx))
+    bar = progress_bar(len(panels) * max(1, repeats), "side-by-side grid (panels x passes)", progress)
+    with CpuWatch() as watch:
+        for title, row in panels:
+            bar.set_postfix_str(title)
+            with runner.attached(row) as cb:
+                runner.sample(row, idx[: min(len(idx), 8)], cb)  # warm-up
+                with caches.BlockEvalCounter(m.transformer) as ctr:
+                    o = runner.sample(row, idx, cb)
+            shown.append({"title": title, "steps": row.steps, "images": o.images, "times": [o.seconds]})
+            shown[-1]["block_evals_per_image"] = ctr.count
+            bar.update()
+        for r in range(repeats - 1):
+            for k in range(len(panels)):
+                j = (k + r + 1) % len(panels)  # rotate the order so no panel always runs first or last
+                shown[j]["times"].append(runner.time_once(panels[j][1], idx))
+                bar.update()
+    bar.close()
     for p in shown:
-        p["seconds"] = statistics.median(p.pop("times"))
+        t = p.pop("times")
+        p |= {"seconds": statistics.median(t), "seconds_min": min(t), "seconds_max": max(t), "passes": len(t)}
         p["speedup"] = shown[0]["seconds"] / p["seconds"]
     save_side_by_side(shown, out, per_class, row_labels=None if m.adapter.class_conditional else rows)
-    return {"out": str(out), "panels": [{k: v for k, v in p.items() if k != "images"} for p in shown]}
+    return {
+        "out": str(out),
+        "panels": [{k: v for k, v in p.items() if k != "images"} for p in shown],
+        "context": {
+            "device": str(m.device),
+            "dtype": str(m.dtype).removeprefix("torch."),
+            "threads": torch.get_num_threads(),
+            "images": n,
+            "busy": watch.note(),
+            "other_processes_cores": watch.other_cores,
+        },
+    }
