@@ -76,7 +76,9 @@ def run(name: str, bank_cache: str, runs_dir: Path) -> dict:
     from ilf_runtime.train.args import flat_args
 
     a = TrainArgs.from_flat(
-        BASE | SETTINGS[name] | {"out": str(runs_dir / name), "bank_cache": bank_cache, "progress": False}
+        BASE
+        | SETTINGS[name]
+        | {"out": str(runs_dir / name), "bank_cache": bank_cache, "progress": False, "overwrite": True}
     )
     t0 = time.perf_counter()
     result = main(a)

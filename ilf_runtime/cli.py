@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from ilf_runtime.cliargs import add_dataclass_arguments, from_namespace
@@ -198,12 +200,51 @@ def check_device(device: str | None) -> None:
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
-        raise UsageError(
-            f"--device {device!r}: expected a torch device such as cpu, cuda or cuda:1"
-        ) from None
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device!r}: expected a torch device such as cpu, cuda or cuda:1")
     if dev.type == "cuda" and not torch.cuda.is_available():
         why = "is a CPU-only build" if torch.version.cuda is None else "finds no CUDA device"
         raise UsageError(f"--device {device}: this torch ({torch.__version__}) {why}; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(
+            f"--device {device}: this machine has CUDA devices 0..{torch.cuda.device_count() - 1}"
+        )
+
+
+def check_writable(path: str | None, flag: str, *, directory: bool = False) -> None:
+    """A one-line `UsageError` unless `path` (a file, or with `directory` a folder) can be written:
+    checked before any work, so that a bad path does not fail after all the sampling."""
+    if path is None:
+        return
+    p = Path(path)
+    if not directory and p.is_dir():
+        raise UsageError(f"{flag} {path}: is a directory; expected a file path")
+    if directory and p.exists() and not p.is_dir():
+        raise UsageError(f"{flag} {path}: is a file; expected a directory")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise UsageError(f"{flag} {path}: not writable (permission denied or a read-only file system)")
+    at = (p if directory else p.parent).absolute()
+    while not at.exists():
+        at = at.parent
+    if not at.is_dir():
+        raise UsageError(f"{flag} {path}: {at} is a file, not a directory")
+    if not os.access(at, os.W_OK | os.X_OK):
+        raise UsageError(
+            f"{flag} {path}: cannot write in {at} (permission denied or a read-only file system)"
+        )
+
+
+def load_model_checked(source: str, **kw: Any) -> Any:
+    """`registry.load_model`, its one-line errors on a broken model folder as `UsageError`."""
+    from ilf_runtime.registry import load_model
+
+    try:
+        return load_model(source, **kw)
+    except FileNotFoundError:
+        raise
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def cmd_sample(args: SampleArgs) -> int:
@@ -212,13 +253,15 @@ def cmd_sample(args: SampleArgs) -> int:
     from ilf_runtime.fused import apply_fused_blocks
     from ilf_runtime.images import save_grid
     from ilf_runtime.pipelines import sample
-    from ilf_runtime.registry import MODEL_NAMES, load_model
+    from ilf_runtime.registry import MODEL_NAMES
 
+    check_writable(args.out, "--out")
+    _check_guidance(args.guidance)
     _weights_defaults(args)
     dtype = getattr(torch, DTYPES[args.dtype])
     if args.cuda_graph and torch.device(args.device).type != "cuda":
         raise UsageError(f"--cuda-graph needs a CUDA device, got --device {args.device}")
-    model = load_model(args.model, device=args.device, dtype=dtype)
+    model = load_model_checked(args.model, device=args.device, dtype=dtype)
     if args.fused:
         apply_fused_blocks(model)
     if args.model in MODEL_NAMES:
@@ -326,11 +369,11 @@ def cmd_info(args: InfoArgs) -> int:
 def cmd_eval(args: EvalCommand) -> int:
     from ilf_runtime.fashion.evaluate import evaluate, markdown_row, write_results
     from ilf_runtime.fused import apply_fused_blocks
-    from ilf_runtime.registry import load_model
 
+    check_writable(args.out + ".json", "--out")
     _weights_defaults(args)
     a = EvalArgs(**{f.name: getattr(args, f.name) for f in fields(EvalArgs)})
-    model = load_model(args.model)
+    model = load_model_checked(args.model)
     if args.fused:
         apply_fused_blocks(model)
     if not model.adapter.class_conditional:
@@ -386,7 +429,10 @@ def _eval_prompts(model: Any, a: EvalArgs, args: EvalCommand) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from ilf_runtime.train import args_from_namespace, main
 
-    result = main(args_from_namespace(args))
+    a = args_from_namespace(args)
+    check_writable(a.out, "--out", directory=True)
+    check_writable(a.bank_cache, "--bank-cache", directory=True)
+    result = main(a, load_model_checked(a.model))
     if "weights" in result:
         v = result.get("validation") or {}
         print(f"wrote {result['weights']} after {result['step']} steps ({result['seconds']:.0f} s)")
@@ -404,7 +450,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from ilf_runtime.bench import main_from_args
 
+    if not args.report_only:
+        check_writable(args.out + ".json", "--out")
+    _check_guidance(args.guidance)
     return main_from_args(args)
+
+
+def _check_guidance(g: float | None) -> None:
+    if g is not None and not (g >= 0 and g != float("inf")):  # NaN fails g >= 0
+        raise UsageError(f"--guidance {g}: expected a finite number >= 0 (<= 1: unguided)")
 
 
 # subcommand -> (handler, arguments dataclass or None when the handler takes the namespace)
@@ -429,8 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_device(getattr(args, "device", None))
         return handler(args if cls is None else from_namespace(cls, args))
-    except (UsageError, WeightsError, ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
-        parser.exit(2, f"ilf {args.command}: error: {e}\n")
+    except (UsageError, WeightsError, ValueError, OSError, RuntimeError, FloatingPointError) as e:
+        parser.exit(2, f"ilf {args.command}: error: {' '.join(str(e).split())}\n")  # one line
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -14,9 +14,18 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["SCALE_SHAPES", "ILFConfig", "parse_step_spec"]
+__all__ = ["LIMITS", "SCALE_SHAPES", "ILFConfig", "parse_step_spec"]
 
 SCALE_SHAPES = ("block", "channel")
+# Inclusive bounds of the integer fields: a config read from a file can ask for no more than this
+# (``loop_iters`` = 10**9 would hang sampling).
+LIMITS = {
+    "loop_start": (0, 4095),
+    "loop_end": (0, 4095),
+    "loop_iters": (1, 64),
+    "feedback_t_shift": (0, 100_000),
+    "init_seed": (0, 2**63 - 1),
+}
 
 
 def parse_step_spec(spec: str, num_steps: int) -> list[bool]:
@@ -89,18 +98,24 @@ class ILFConfig:
     init_seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.loop_start < 0 or self.loop_end < self.loop_start:
+        for name, (lo, hi) in LIMITS.items():
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise TypeError(f"{name} must be an integer, got {v!r} ({type(v).__name__})")
+            if not lo <= v <= hi:
+                raise ValueError(f"{name} must be in {lo}..{hi}, got {v}")
+        for name in ("loop_steps", "scale_shape", "feedback_init"):
+            v = getattr(self, name)
+            if not isinstance(v, str):
+                raise TypeError(f"{name} must be a string, got {v!r} ({type(v).__name__})")
+        if self.loop_end < self.loop_start:
             raise ValueError(
                 f"loop range must satisfy 0 <= loop_start <= loop_end, got {self.loop_start}..{self.loop_end}"
             )
-        if self.loop_iters < 1:
-            raise ValueError(f"loop_iters must be >= 1, got {self.loop_iters}")
         if self.scale_shape not in SCALE_SHAPES:
             raise ValueError(f"scale_shape must be one of {SCALE_SHAPES}, got {self.scale_shape!r}")
         if self.feedback_init != "random" and self.copy_block is None:
             raise ValueError(f"feedback_init must be 'random' or 'copy:K', got {self.feedback_init!r}")
-        if self.feedback_t_shift < 0:
-            raise ValueError(f"feedback_t_shift must be >= 0, got {self.feedback_t_shift}")
         parse_step_spec(self.loop_steps, 1000)  # syntax check; indices are checked per run
 
     @property

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -39,6 +41,31 @@ def decode(model: Model, latents: torch.Tensor) -> torch.Tensor:
     else:
         x = latents
     return (x.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+
+MAX_SEED = 2**63 - 1  # torch generators take a signed 64-bit seed
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _check_args(num_steps: Any, guidance_scale: Any, class_labels: Any, batch_size: Any) -> None:
+    """One-line `ValueError`s for arguments of the wrong type or out of range."""
+    if not _is_int(num_steps) or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    g = guidance_scale
+    if isinstance(g, bool) or not isinstance(g, numbers.Real) or not math.isfinite(g) or g < 0:
+        raise ValueError(f"guidance_scale must be a finite number >= 0 (<= 1: unguided), got {g!r}")
+    if isinstance(class_labels, torch.Tensor):
+        if class_labels.is_floating_point() or class_labels.is_complex() or class_labels.dtype == torch.bool:
+            raise ValueError(f"class_labels must be integer class ids, got a {class_labels.dtype} tensor")
+    elif class_labels is not None:
+        bad = [c for c in class_labels if not _is_int(c)]
+        if bad:
+            raise ValueError(f"class_labels must be integer class ids, got {bad[0]!r}")
 
 
 def sample(
@@ -97,8 +124,7 @@ def sample(
         m = replace(m, scheduler=scheduler)
     if guidance_scale is None:
         guidance_scale = m.guidance
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    _check_args(num_steps, guidance_scale, class_labels, batch_size)
     if cuda_graph and m.device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs a model on a CUDA device; this one is on {m.device}")
 
@@ -116,12 +142,14 @@ def sample(
     count = len(next(iter(items.values())))
     if count == 0:
         raise ValueError("nothing to sample: no class labels or prompts given")
-    seeds = list(range(seed, seed + count)) if seeds is None else [int(s) for s in seeds]
+    seeds = list(range(int(seed), int(seed) + count)) if seeds is None else [int(s) for s in seeds]
     if len(seeds) != count:
         raise ValueError(f"got {len(seeds)} seeds for {count} images")
-    bs = count if batch_size is None else int(batch_size)
-    if bs < 1:
-        raise ValueError(f"batch_size must be >= 1, got {bs}")
+    if not all(0 <= s <= MAX_SEED for s in seeds):
+        raise ValueError(
+            f"seeds must be in 0..{MAX_SEED} (image i uses seed + i), got {min(seeds)}..{max(seeds)}"
+        )
+    bs = count if batch_size is None else batch_size
 
     attached = None
     if ilf is not None:

@@ -207,7 +207,65 @@ def scheduler_from_config(cfg: dict[str, Any]) -> Any:
 def load_model(
     source: str | PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> Model:
-    """Loads a built-in model by name or a local diffusers pipeline / transformer directory."""
+    """Loads a built-in model by name or a local diffusers pipeline / transformer directory.
+
+    A folder that is not a loadable DiT / PixArt model (JSON that does not parse or is not an object,
+    a non-transformer pipeline, missing or truncated weights, weights that do not match its
+    ``config.json``, e.g. an edited ``num_layers``) raises a one-line `ValueError` naming it."""
+    name = str(source)
+    try:
+        model = _load(source, device=device, dtype=dtype)
+    except FileNotFoundError:
+        raise
+    except (OSError, TypeError, AttributeError, KeyError, ValueError) as e:
+        where = MODEL_NAMES[name][0] if name in MODEL_NAMES else Path(source)
+        detail = _bad_json(Path(where)) if not callable(where) else None
+        if detail is None and isinstance(e, ValueError) and not isinstance(e, json.JSONDecodeError):
+            raise ValueError(f"model {name!r}: {e}") from None  # this runtime's (an unsupported checkpoint)
+        detail = detail or f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        raise ValueError(f"model {name!r}: not a loadable DiT / PixArt model folder ({detail})") from None
+    where = MODEL_NAMES[name][0] if name in MODEL_NAMES else source
+    if not callable(where) and Path(where).is_dir():
+        _check_backbone_keys(name, Path(where), model.transformer)
+    return model
+
+
+def _bad_json(folder: Path) -> str | None:
+    """The first JSON file of a model folder (or its subfolders) that does not parse into an object."""
+    if not folder.is_dir():
+        return None
+    for f in sorted(folder.glob("*.json")) + sorted(folder.glob("*/*.json")):
+        try:
+            if not isinstance(json.loads(f.read_text()), dict):
+                return f"{f}: expected a JSON object"
+        except (ValueError, OSError) as e:
+            return f"{f}: invalid JSON ({e})"
+    return None
+
+
+def _check_backbone_keys(name: str, folder: Path, transformer: nn.Module) -> None:
+    """Refuses a backbone whose weights files lack tensors the model needs or hold ones it does not
+    (diffusers would initialise the missing ones at random with only a warning)."""
+    from safetensors import safe_open
+
+    sub = folder / "transformer" if (folder / "model_index.json").is_file() else folder
+    have: set[str] = set()
+    for f in sorted(sub.glob("diffusion_pytorch_model*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            have |= set(h.keys())
+    if not have:
+        return
+    want = set(transformer.state_dict())
+    missing, unexpected = sorted(want - have), sorted(have - want)
+    if missing or unexpected:
+        raise ValueError(
+            f"model {name!r}: the weights in {sub} do not match its config.json: {len(missing)} tensors "
+            f"missing (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}); "
+            "was the config edited?"
+        )
+
+
+def _load(source: str | PathLike, *, device: str | torch.device, dtype: torch.dtype | None) -> Model:
     import diffusers
 
     name = str(source)
@@ -218,7 +276,7 @@ def load_model(
             return model.to(device, dtype)
         if not (Path(where) / "config.json").is_file():
             raise FileNotFoundError(f"built-in model {name!r}: its files are missing from {where}")
-        model = load_model(where, device=device, dtype=dtype)
+        model = _load(where, device=device, dtype=dtype)
         model.name, model.note = name, desc
         return model
     path = Path(source)
@@ -227,7 +285,7 @@ def load_model(
             f"model {name!r}: not a directory and not a built-in name (built-in: {', '.join(MODEL_NAMES)})"
         )
     if (path / "model_index.json").is_file():
-        pipe = diffusers.DiffusionPipeline.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
+        pipe = diffusers.DiffusionPipeline.from_pretrained(path, local_files_only=True, dtype=dtype)
         model = to_model(pipe)
         model.name = name
         return model.to(device)
@@ -237,7 +295,7 @@ def load_model(
     cls_name = json.loads(cfg_file.read_text()).get("_class_name")
     cls = getattr(diffusers, adapter_for_class(cls_name).transformer_class)
     transformer = cls.from_pretrained(
-        path, local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=False
+        path, local_files_only=True, dtype=dtype, low_cpu_mem_usage=False
     ).eval()
     sched_file = path / "scheduler_config.json"
     sched_cfg = json.loads(sched_file.read_text()) if sched_file.is_file() else DEFAULT_SCHEDULER

@@ -21,11 +21,13 @@ import torch
 from torch import nn
 
 from ilf_runtime.ilf import get_ilf
-from ilf_runtime.models import Conditioning, ModelAdapter
+from ilf_runtime.models import LOOP_ATTR, Conditioning, ModelAdapter
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LoopSpec", "denoise", "make_noise", "predict", "run_steps"]
+MAX_LATENT = 1e4  # final latents beyond this magnitude mean the sampling diverged
+
+__all__ = ["LoopSpec", "check_finite", "denoise", "make_noise", "predict", "run_steps"]
 
 
 def make_noise(
@@ -104,7 +106,8 @@ def denoise(
     spec = LoopSpec(cond.adapter, guided, float(guidance_scale), tuple(mask), c_lat)
 
     if not cuda_graph:
-        return run_steps(transformer, noise, solver, cond.kwargs(guided), spec, on_step, before_step)
+        x = run_steps(transformer, noise, solver, cond.kwargs(guided), spec, on_step, before_step)
+        return check_finite(x, transformer, cond.kwargs(guided), guidance_scale)
     if before_step is not None:
         raise ValueError(
             "before_step (cache hooks) cannot run inside a captured CUDA graph; use cuda_graph=False"
@@ -123,7 +126,36 @@ def denoise(
     x = graphs.run_loop(transformer, fn, noise, cond.kwargs(guided), solver, spec)
     for i in range(n if on_step is not None else 0):
         on_step(i)
-    return x
+    return check_finite(x, transformer, cond.kwargs(guided), guidance_scale)
+
+
+def check_finite(
+    x: torch.Tensor, transformer: nn.Module, kwargs: dict[str, Any], guidance_scale: float
+) -> torch.Tensor:
+    """Returns the final latents `x`, or raises `FloatingPointError` naming the likely cause when
+    they hold NaN, Inf or values beyond `MAX_LATENT` (a diverged run: a black or white image). One
+    host sync per batch, after the loop: graph capture is unaffected."""
+    if bool((x.abs() <= MAX_LATENT).all()):  # False for NaN and Inf too
+        return x
+
+    def bad(ts) -> bool:
+        return any(t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in ts)
+
+    loop = get_ilf(transformer)
+    inputs = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and bad([v])]
+    if loop is not None and bad(loop.parameters()):
+        cause = "the feedback weights (loop scales or feedback block) hold NaN or Inf"
+    elif bad(
+        p for n, p in transformer.named_parameters() if loop is None or not n.startswith(LOOP_ATTR + ".")
+    ):
+        cause = "the backbone's weights hold NaN or Inf"
+    elif inputs:
+        cause = f"the conditioning input {inputs[0]!r} (e.g. prompt embeddings) holds NaN or Inf"
+    elif guidance_scale > 100:
+        cause = f"the guidance scale {guidance_scale:g} is far too large"
+    else:
+        cause = "the model diverged (feedback scales too large, a dtype that overflows, or a bad schedule)"
+    raise FloatingPointError(f"the sampled latents contain NaN, Inf or values beyond {MAX_LATENT:g}: {cause}")
 
 
 @dataclass(frozen=True)

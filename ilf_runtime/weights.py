@@ -11,12 +11,20 @@ Layout: tensors ``feedback.<name>`` (the feedback block's state dict) and ``scal
 - ``training``: JSON, a free-form training summary
 - ``content_sha256``: sha256 over every tensor's name, dtype, shape and bytes, so that a corrupted
   payload is caught even where the safetensors header is intact.
+- ``metadata_sha256`` (format version 2): sha256 over the metadata that decides how the tensors are
+  used (`COVERED`), so that an edited loop range or schedule is caught too. Version 1 files (the
+  first shipped weights) carry none and are read with the tensor checksum alone.
+
+Every field is checked against one schema when read (`read_metadata`): its type, and every number
+bounded, with the file and the field named in the error. Tensors must be finite and of plausible
+magnitude (`MAX_ABS`) when written and when read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -34,15 +42,37 @@ __all__ = [
     "ILFWeights",
     "WeightsError",
     "backbone_fingerprint",
+    "check_tensors",
     "content_hash",
     "load_ilf_weights",
+    "metadata_hash",
     "read_metadata",
     "save_file_atomic",
     "save_ilf_weights",
 ]
 
 FORMAT = "ilf-feedback"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS = (1, 2)  # format versions this runtime reads
+# metadata fields the metadata checksum covers (all but the free-form training summary and the checksums)
+COVERED = (
+    "format",
+    "format_version",
+    "ilf_config",
+    "backbone_class",
+    "backbone_config",
+    "backbone_fingerprint",
+    "sampler",
+)
+MAX_ABS = 1e4  # largest plausible magnitude of a feedback weight or scale
+# the sampler fields a file may record: name -> (type, inclusive bounds or allowed values)
+SAMPLER_FIELDS: dict[str, tuple[type, tuple]] = {
+    "num_steps": (int, (1, 10_000)),
+    "teacher_steps": (int, (1, 100_000)),
+    "guidance_scale": (float, (0.0, 1e4)),
+    "solver": (str, ()),
+    "loop_steps": (str, ()),
+}
 
 
 class WeightsError(ValueError):
@@ -72,7 +102,7 @@ def content_hash(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
         h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -153,6 +183,7 @@ def save_ilf_weights(
         raise RuntimeError("no ILF loop is applied to this model; nothing to save")
     tensors = {f"feedback.{k}": v.detach().contiguous().cpu() for k, v in loop.feedback.state_dict().items()}
     tensors["scales"] = loop.scales.detach().contiguous().cpu()
+    check_tensors(tensors, f"feedback weights {path} (not written)")
     meta = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
@@ -164,6 +195,8 @@ def save_ilf_weights(
         "training": json.dumps(training or {}, sort_keys=True),
         "content_sha256": content_hash(tensors),
     }
+    decoded = {k: json.loads(meta[k]) for k in ("ilf_config", "backbone_config", "sampler")}
+    meta["metadata_sha256"] = metadata_hash(meta | decoded)
     return save_file_atomic(tensors, path, meta)
 
 
@@ -190,58 +223,120 @@ def save_file_atomic(
     return path
 
 
+def metadata_hash(meta: dict[str, Any]) -> str:
+    """sha256 over the `COVERED` metadata fields, JSON fields decoded (so the text layout does not matter)."""
+    blob = json.dumps({k: meta.get(k) for k in COVERED}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Raises `WeightsError` unless every tensor is finite and within `MAX_ABS`."""
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        if not t.is_floating_point() or not t.numel():
+            continue
+        if not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise WeightsError(
+                f"{where}: tensor {name!r} has {bad} NaN or Inf values; expected finite weights"
+            )
+        peak = float(t.abs().max())
+        if peak > MAX_ABS:
+            raise WeightsError(
+                f"{where}: tensor {name!r} reaches {peak:.3g}; expected magnitudes up to {MAX_ABS:g} "
+                "(a diverged training run?)"
+            )
+
+
+def _type_name(v: Any) -> str:
+    return {dict: "a JSON object", list: "a JSON list", str: "a string", type(None): "nothing"}.get(
+        type(v), type(v).__name__
+    )
+
+
+def _check_sampler(sampler: dict[str, Any], where: str) -> None:
+    for key, (typ, allowed) in SAMPLER_FIELDS.items():
+        if key not in sampler:
+            continue
+        v = sampler[key]
+        ok = isinstance(v, typ) or (typ is float and isinstance(v, int))
+        if isinstance(v, bool) or not ok:
+            raise WeightsError(f"{where}: metadata 'sampler.{key}' must be {typ.__name__}, found {v!r}")
+        if typ is not str and not (math.isfinite(v) and allowed[0] <= v <= allowed[1]):
+            raise WeightsError(
+                f"{where}: metadata 'sampler.{key}' must be in {allowed[0]}..{allowed[1]}, found {v!r}"
+            )
+
+
 def read_metadata(path: str | PathLike) -> dict[str, Any]:
-    """The metadata header of a weights file, JSON fields decoded; checks only the header."""
+    """The metadata header of a weights file, JSON fields decoded and every field checked against
+    the schema (types, bounds, the `ILFConfig`, the metadata checksum); reads no tensor data."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    where = f"feedback weights {path}"
     if not path.is_file():
-        raise WeightsError(f"feedback weights {path}: no such file")
+        raise WeightsError(f"{where}: no such file")
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
-        raise WeightsError(f"feedback weights {path}: not a readable safetensors file ({e})") from None
+        raise WeightsError(f"{where}: not a readable safetensors file ({e})") from None
     if raw.get("format") != FORMAT:
+        raise WeightsError(f"{where}: metadata 'format' is {raw.get('format')!r}, expected {FORMAT!r}")
+    version = raw.get("format_version", "")
+    if not (version.isdigit() and int(version) in READS):
         raise WeightsError(
-            f"feedback weights {path}: metadata 'format' is {raw.get('format')!r}, expected {FORMAT!r}"
+            f"{where}: metadata 'format_version' is {version!r}, this runtime reads "
+            + " or ".join(map(str, READS))
         )
     meta: dict[str, Any] = dict(raw)
     for key in ("ilf_config", "backbone_config", "sampler", "training"):
         try:
-            meta[key] = json.loads(raw.get(key, "null"))
+            meta[key] = json.loads(raw.get(key, "{}" if key == "training" else "null"))
         except json.JSONDecodeError:
-            raise WeightsError(f"feedback weights {path}: metadata {key!r} is not valid JSON") from None
-    version = int(raw.get("format_version", "0"))
-    if version != FORMAT_VERSION:
+            raise WeightsError(f"{where}: metadata {key!r} is not valid JSON") from None
+        if not isinstance(meta[key], dict):
+            raise WeightsError(
+                f"{where}: metadata {key!r} must be a JSON object, found {_type_name(meta[key])}"
+            )
+    checksums = ("content_sha256", "metadata_sha256") if int(version) >= 2 else ("content_sha256",)
+    for key in ("backbone_class", "backbone_fingerprint", *checksums):
+        if not raw.get(key):
+            raise WeightsError(f"{where}: metadata {key!r} is missing")
+    _check_sampler(meta["sampler"], where)
+    try:
+        ILFConfig.from_dict(meta["ilf_config"])
+    except (TypeError, ValueError) as e:
+        raise WeightsError(f"{where}: invalid ilf_config ({e})") from None
+    if int(version) >= 2 and raw["metadata_sha256"] != metadata_hash(meta):
         raise WeightsError(
-            f"feedback weights {path}: format_version {version}, this runtime reads {FORMAT_VERSION}"
+            f"{where}: metadata checksum mismatch (expected {raw['metadata_sha256'][:12]}, found "
+            f"{metadata_hash(meta)[:12]}): the loop range, schedule or backbone fields were edited or corrupted"
         )
     return meta
 
 
 def load_ilf_weights(path: str | PathLike) -> ILFWeights:
-    """Reads and verifies a weights file (header, JSON fields, tensor checksum)."""
+    """Reads and verifies a weights file (header schema, checksums, finite tensors)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     meta = read_metadata(path)
+    where = f"feedback weights {path}"
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise WeightsError(
-            f"feedback weights {path}: tensor data unreadable, truncated or corrupted ({e})"
-        ) from None
+        raise WeightsError(f"{where}: tensor data unreadable, truncated or corrupted ({e})") from None
     got = content_hash(tensors)
     if meta.get("content_sha256") != got:
         raise WeightsError(
-            f"feedback weights {path}: content checksum mismatch (expected {str(meta.get('content_sha256'))[:12]}, "
+            f"{where}: content checksum mismatch (expected {str(meta.get('content_sha256'))[:12]}, "
             f"found {got[:12]}): the file is corrupted"
         )
-    if not isinstance(meta.get("ilf_config"), dict):
-        raise WeightsError(f"feedback weights {path}: metadata has no ilf_config")
-    try:
-        config = ILFConfig.from_dict(meta["ilf_config"])
-    except (TypeError, ValueError) as e:
-        raise WeightsError(f"feedback weights {path}: invalid ilf_config ({e})") from None
-    return ILFWeights(config=config, tensors=tensors, metadata=meta, path=str(path))
+    if "scales" not in tensors:
+        raise WeightsError(f"{where}: missing tensors ['scales']")
+    check_tensors(tensors, where)
+    return ILFWeights(
+        config=ILFConfig.from_dict(meta["ilf_config"]), tensors=tensors, metadata=meta, path=str(path)
+    )

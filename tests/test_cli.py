@@ -239,18 +239,129 @@ def test_python_dash_m_and_builtin_model(tmp_path):
 
 
 def test_shipped_weights_names(tmp_path):
-    from ilf_runtime.registry import resolve_weights, shipped_weights
+    from ilf_runtime.registry import MODEL_NAMES, SHIPPED_WEIGHTS, resolve_weights, shipped_weights
 
     assert resolve_weights(None, "fashion-dit") is None
     assert resolve_weights("x.safetensors", "fashion-dit") == "x.safetensors"
     with pytest.raises(FileNotFoundError, match="ships no feedback weights"):
         resolve_weights("shipped", "tiny-random")
-    have = shipped_weights("fashion-dit")
-    for name, path in have.items():
-        spec = "shipped" if name == "default" else f"shipped:{name}"
-        assert resolve_weights(spec, "fashion-dit") == str(path)
-    with pytest.raises(FileNotFoundError, match="weights 'shipped:nope'"):
-        resolve_weights("shipped:nope", "fashion-dit")
+    checked = 0
+    for model, files in SHIPPED_WEIGHTS.items():
+        folder = MODEL_NAMES[model][0]
+        if not folder.is_dir():
+            continue  # a built-in whose assets are not in this checkout (see the test below)
+        want = {name: folder / f for name, f in files.items()}
+        assert shipped_weights(model) == want  # every listed file is there, nothing else is offered
+        assert shipped_weights(folder) == want  # the built-in's folder given by its path
+        for name, path in want.items():
+            spec = "shipped" if name == "default" else f"shipped:{name}"
+            assert resolve_weights(spec, model) == str(path)
+            checked += 1
+        with pytest.raises(FileNotFoundError, match="weights 'shipped:nope'"):
+            resolve_weights("shipped:nope", model)
+    assert checked >= 3  # fashion-dit's three files are part of the repository
+
+
+SHIPPED = [(model, name) for model, files in __import__("ilf_runtime.registry").registry.SHIPPED_WEIGHTS.items()
+           for name in files]  # fmt: skip
+
+
+@pytest.mark.parametrize("model_name,weights_name", SHIPPED, ids=[f"{m}:{n}" for m, n in SHIPPED])
+def test_each_shipped_weights_file_loads_into_its_model(model_name, weights_name):
+    """Every file `SHIPPED_WEIGHTS` lists loads into its bundled model (backbone fingerprint, tensor
+    names and shapes checked by `apply_ilf`), carries the scales it stores, and changes the samples of
+    the steps it was trained for without making them non-finite."""
+    from ilf_runtime import apply_ilf, load_ilf_weights, remove_ilf, sample
+    from ilf_runtime.registry import MODEL_NAMES, SHIPPED_WEIGHTS, load_model
+
+    folder = MODEL_NAMES[model_name][0]
+    if not folder.is_dir():
+        pytest.skip(f"built-in model {model_name!r}: asset folder {folder} is not in this checkout")
+    path = folder / SHIPPED_WEIGHTS[model_name][weights_name]
+    assert path.is_file(), f"{path} is listed in SHIPPED_WEIGHTS[{model_name!r}] but missing"
+    try:
+        m = load_model(model_name)
+    except ImportError as e:  # e.g. fashion-t2i's text encoder package
+        pytest.skip(f"{model_name}: {e}")
+    w = load_ilf_weights(path)
+    loop = apply_ilf(m.transformer, path)
+    stored = {k: v for k, v in w.tensors.items() if k.endswith("scales")}
+    assert stored, sorted(w.tensors)
+    for k, v in stored.items():
+        assert torch.equal(loop.state_dict()[k], v), k
+    assert loop.scales.abs().max() > 0  # trained, not the zero initialisation
+    remove_ilf(m.transformer)
+    sampler = w.metadata["sampler"]
+    if m.adapter.class_conditional:
+        kw = {"class_labels": [0, 7]}
+    else:
+        kw = {"prompts": (m.example_prompts or ["a red t-shirt", "a blue trouser"])[:2]}
+    kw |= {"num_steps": int(sampler["num_steps"]), "solver": sampler["solver"], "seed": 5}
+    plain = sample(m, **kw)
+    spec = "shipped" if weights_name == "default" else f"shipped:{weights_name}"
+    looped = sample(m, ilf=spec, **kw)
+    assert torch.isfinite(looped.latents).all()
+    assert looped.info["ilf"] == w.config.to_dict()
+    assert (looped.latents - plain.latents).abs().max() > 1e-4
+
+
+def test_pixart_cli_usage_errors(pixart_pipeline_dir, tmp_path, capsys):
+    """Every wrong way of conditioning a text-to-image model is a one-line error with exit 2."""
+    base = ["sample", "--model", str(pixart_pipeline_dir), "--steps", "1", "--out", str(tmp_path / "x.png"),
+            "--no-progress"]  # fmt: skip
+    emb, mask, neg, nmask = prompt_inputs(2)
+    no_negative = tmp_path / "no_negative.safetensors"
+    save_file({"prompt_embeds": emb, "prompt_attention_mask": mask}, str(no_negative))
+    no_embeds = tmp_path / "no_embeds.safetensors"
+    save_file({"embeds": emb}, str(no_embeds))
+    extra = tmp_path / "extra.safetensors"
+    save_file(
+        {"prompt_embeds": emb, "prompt_attention_mask": mask, "pooled": emb[:, 0].contiguous()}, str(extra)
+    )
+    narrow = tmp_path / "narrow.safetensors"
+    save_file(
+        {"prompt_embeds": emb[..., :3].contiguous(), "prompt_attention_mask": mask,
+         "negative_prompt_embeds": neg[..., :3].contiguous(), "negative_prompt_attention_mask": nmask},
+        str(narrow),
+    )  # fmt: skip
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 40)
+    cases = [
+        (["--classes", "1,2"], "text-to-image PixArtTransformer2DModel: use --prompt or --prompt-embeds"),
+        ([], "needs --prompt or --prompt-embeds"),
+        (["--prompt-embeds", str(tmp_path / "missing.safetensors")], "missing.safetensors: cannot read"),
+        (["--prompt-embeds", str(garbage)], "garbage.safetensors: cannot read"),
+        (["--prompt-embeds", str(no_embeds)], "no 'prompt_embeds' tensor (found ['embeds'])"),
+        (["--prompt-embeds", str(extra)], "unexpected tensors ['pooled']"),
+        (["--prompt-embeds", str(no_negative)], "guidance needs negative_prompt_embeds"),
+        (["--prompt-embeds", str(narrow)], "prompt_embeds have 3 channels, this transformer expects"),
+    ]
+    for flags, words in cases:
+        code, err = _exit_code([*base, *flags], capsys)
+        errors = [ln for ln in err.splitlines() if ln.startswith("ilf sample: error:")]
+        assert code == 2 and "Traceback" not in err, (flags, err[-2000:])
+        assert len(errors) == 1 and words in errors[0] and err.rstrip().endswith(errors[0]), (
+            flags,
+            err[-2000:],
+        )
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_ctrl_c_exits_130(pixel_dit_dir, tmp_path, capsys, monkeypatch):
+    """Ctrl-C during `ilf sample` ends with the conventional exit status 130 and one line, no traceback."""
+    import ilf_runtime.pipelines
+
+    def interrupted(*args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ilf_runtime.pipelines, "sample", interrupted)
+    path, _ = pixel_dit_dir
+    rc = main(
+        ["sample", "--model", str(path), "--classes", "0", "--out", str(tmp_path / "g.png"), "--no-progress"]
+    )
+    err = capsys.readouterr().err
+    assert rc == 130 and err.strip() == "interrupted"
+    assert not (tmp_path / "g.png").exists()
 
 
 def _sample_argv(pixel_dit_dir, tmp_path, solver: str) -> list[str]:

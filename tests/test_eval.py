@@ -31,7 +31,16 @@ def test_evaluate_tiny_model_all_metrics():
     r = evaluate(model, EvalArgs(per_class=2, steps=2, ref_steps=3, subsets=2, guidance=2.0), progress=False)
     assert r["n"] == 20 and r["fid"]["subset_n"] == 10 and len(r["fid"]["subsets"]) == 2
     assert r["fid"]["fid"] > r["fid_floor"]["fid"] >= 0  # noise from a random model is far from the data
-    assert 0 <= r["class_accuracy"] <= 1
+    # class accuracy re-computed here: the same images (same labels, seeds, sampler) through the
+    # shipped classifier, argmax against the label each image was sampled for
+    from ilf_runtime import sample
+    from ilf_runtime.fashion.classifier import load_fashion_classifier
+
+    labels = torch.arange(10).repeat(2)  # classes interleaved: 0..9, 0..9
+    images = sample(model, class_labels=labels, seeds=range(20), num_steps=2, guidance_scale=2.0).images
+    with torch.no_grad():
+        preds = load_fashion_classifier()(images).argmax(1)
+    assert r["class_accuracy"] == pytest.approx((preds == labels).sum().item() / 20, abs=1e-6)
     assert r["paired_vs_ref"]["ref_steps"] == 3 and r["paired_vs_ref"]["n"] == 20
     json.dumps(r)
     with pytest.raises(ValueError, match="10-class, 1-channel"):
@@ -79,3 +88,14 @@ def test_bundled_model_loads_offline_and_samples():
     assert out.images.shape == (2, 1, 16, 16)
     assert 0 <= out.images.min() and out.images.max() <= 1 and out.images.std() > 0.05
     assert torch.isfinite(out.latents).all()
+
+
+@pytest.mark.skipif(
+    not (MODEL_NAMES["fashion-dit"][0] / "config.json").is_file(), reason="bundled model not built"
+)
+def test_bundled_model_class_accuracy_far_above_chance():
+    """On the trained bundled model the class accuracy is far from chance (0.1): a metric that paired
+    images with the wrong labels, or a model that ignored them, would land near 0.1."""
+    _needs_data()
+    r = evaluate(load_model("fashion-dit"), EvalArgs(per_class=2, steps=10, subsets=2), progress=False)
+    assert r["n"] == 20 and r["class_accuracy"] >= 0.6, r["class_accuracy"]

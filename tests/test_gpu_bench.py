@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ilf_runtime import ILFConfig, apply_ilf
 from ilf_runtime.ext import has_ext
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,9 +61,27 @@ def test_real_sizes_are_the_published_models(gb):
         assert len(model.transformer_blocks) == 28 and model.inner_dim == 1152
     assert set(got) == {"dit-xl2-256-b1", "dit-xl2-256-b8", "pixart-sigma-512-b1", "pixart-sigma-1024-b1"}
     assert abs(got["dit-xl2-256-b1"] - 749.8) < 1 and abs(got["pixart-sigma-1024-b1"] - 611.0) < 2, got
-    cfg = gb.ILF_LOOP
-    n = cfg["loop_end"] - cfg["loop_start"] + 1
-    assert 10 * 28 + 4 * (n + 1) == 332  # the paper's PixArt ILF cost; 560 for 20 plain steps
+    cfg = ILFConfig(**gb.ILF_LOOP)
+    assert cfg.block_evals(28, 10) == 332  # the paper's PixArt ILF cost: 10 x 28 + 4 x (12 + 1)
+    assert ILFConfig(**gb.ILF_LOOP, loop_iters=1).block_evals(28, 20, "none") == 560  # 20 plain steps
+
+
+def test_block_evals_are_counted(gb):
+    """The block evaluations the report states for rows a-e are what actually runs: counted with
+    `BlockEvalCounter` on the tiny cases (the same code path as the real sizes)."""
+    from ilf_runtime.caches import BlockEvalCounter
+
+    for case in gb.cases(tiny=True):
+        layers = case.config["num_layers"]
+        model = gb.build(case, torch.device("cpu"), torch.float32)
+        with BlockEvalCounter(model) as plain:
+            gb.runtime_loop(case, model, 20, None, False)()
+        assert plain.count == 20 * layers, case.name
+        cfg = ILFConfig(**gb.ILF_LOOP_TINY)
+        apply_ilf(model, cfg)
+        with BlockEvalCounter(model) as looped:
+            gb.runtime_loop(case, model, 10, cfg.step_mask(10), False)()
+        assert looped.count == cfg.block_evals(layers, 10) == 10 * layers + 2 * 3, case.name
 
 
 def test_smoke_tiny_cpu(gb, tmp_path):

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ddim_scheduler, dpm_scheduler, prompt_inputs, tiny_dit, tiny_pixart
+from conftest import (
+    IlfOpCalls,
+    ddim_scheduler,
+    dpm_scheduler,
+    prompt_inputs,
+    require_cuda_kernels,
+    tiny_dit,
+    tiny_pixart,
+)
 
 from ilf_runtime import ILFConfig, apply_ilf, graphs, sample
 from ilf_runtime.fused import apply_fused_blocks
@@ -143,12 +151,14 @@ def test_outputs_are_owned_by_the_caller():
 def test_loop_never_reads_a_tensor_back(kind):
     """The whole loop (guidance, solver, ILF loop, fused blocks) runs on the meta device, where any
     .item(), bool(tensor) or data-dependent shape raises: nothing in it syncs with the host, which is
-    what capturing it as one CUDA graph needs."""
+    what capturing it as one CUDA graph needs. The probe runs `run_steps`, the part that is captured
+    (`denoise` may check the result once after the loop, outside the graph)."""
     model, cond = _setup(kind, fused=True)
     model.to("meta")
     cond.model_kwargs = {k: (v.to("meta") if torch.is_tensor(v) else v) for k, v in cond.model_kwargs.items()}
     solver = make_solver(dpm_scheduler(), 3, device="meta")
-    x = denoise(model, torch.empty(2, 4, 8, 8, device="meta"), solver, cond, guidance_scale=3.0)
+    spec = LoopSpec(cond.adapter, True, 3.0, (False, True, True), model.config.in_channels)
+    x = run_steps(model, torch.empty(2, 4, 8, 8, device="meta"), solver, cond.kwargs(True), spec)
     assert x.device.type == "meta" and x.shape == (2, 4, 8, 8)
     with pytest.raises(RuntimeError, match="meta"):
         solver.timesteps[0].item()  # the probe does catch a sync
@@ -168,12 +178,24 @@ def _cuda_or_skip():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("fused", [False, True])
 def test_cuda_graph_replay_equals_eager(kind, dtype, fused):
-    _cuda_or_skip()
+    if fused:
+        require_cuda_kernels()  # a fused model without CUDA kernels would graph the references
+    else:
+        _cuda_or_skip()
     model, cond = _setup(kind, device="cuda", dtype=dtype, fused=fused)
     solver = make_solver(dpm_scheduler(), 4, device="cuda")
     mask = [False, True, False, True]
     noise = make_noise([0, 1], (4, 8, 8), device="cuda", dtype=dtype)
-    eager = denoise(model, noise, solver, cond, guidance_scale=3.0, loop_mask=mask)
+    with IlfOpCalls() as compiled:
+        eager = denoise(model, noise, solver, cond, guidance_scale=3.0, loop_mask=mask)
+    # fused: every block's norms and residuals ran the compiled kernels (4 steps x 4 blocks x 2 each,
+    # plus the loop's blocks); unfused: only the loop's feedback injections
+    if fused:
+        assert (
+            compiled.counts["ada_layernorm"] >= 4 * 4 * 2 and compiled.counts["gated_residual"] >= 4 * 4 * 2
+        )
+    else:
+        assert set(compiled.counts) <= {"feedback_inject"}
     cache = graphs.graph_cache(model)
     for seeds in ([0, 1], [2, 3], [0, 1]):
         noise = make_noise(seeds, (4, 8, 8), device="cuda", dtype=dtype)
@@ -187,7 +209,7 @@ def test_cuda_graph_replay_equals_eager(kind, dtype, fused):
 
 @pytest.mark.gpu
 def test_cuda_graph_recaptures_only_on_new_key():
-    _cuda_or_skip()
+    require_cuda_kernels()  # the model is fused
     model, _ = _setup("dit", device="cuda")
     apply_fused_blocks(model)
     cache = graphs.graph_cache(model)

@@ -119,17 +119,61 @@ def test_looped_forward_matches_reference(kind, cfg):
     torch.testing.assert_close(seen["out"], ref, rtol=1e-6, atol=1e-6)
 
 
-def test_feedback_timestep_shift_reembeds(dit, pixart):
-    for model, call in ((dit, _dit_call), (pixart, _pixart_call)):
-        run = call(model)
-        outs = []
-        for shift in (0, 400):
-            loop = apply_ilf(model, ILFConfig(loop_start=1, loop_end=2, feedback_t_shift=shift))
-            with torch.no_grad():
-                loop.scales.fill_(0.5)
-                outs.append(run())
-            remove_ilf(model)
-        assert not torch.allclose(outs[0], outs[1], atol=1e-5), type(model).__name__
+def _block_inputs(model, run):
+    """(hidden states, keyword arguments) that the first backbone block receives in `run()`."""
+    seen = {}
+
+    def record(m, a, k):
+        seen.setdefault("in", (a, dict(k)))
+
+    handle = model.transformer_blocks[0].register_forward_pre_hook(record, with_kwargs=True)
+    with torch.no_grad():
+        run()
+    handle.remove()
+    args, kw = seen["in"]
+    return (args[0] if args else kw.pop("hidden_states")), kw
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_feedback_timestep_shift_reembeds(kind):
+    """With ``feedback_t_shift=S`` the feedback block is conditioned exactly as the backbone's blocks
+    are when the model is called at timestep ``max(t - S, 0)``: the looped forward equals the
+    reference loop whose feedback block gets the block arguments recorded from such a call (and not
+    the unshifted ones). t = 999, 500, 3 (DiT) / 901, 17 (PixArt) with S = 400 covers the clamp at 0."""
+    build, call = MODELS[kind]
+    model = build()
+    shift = 400
+    run = call(model)
+    h0, kw = _block_inputs(model, run)
+    t = kw["timestep"] if kind == "dit" else None
+    # the same call at the shifted timesteps: wrap the model call to pass them instead
+    real_forward = model.forward
+
+    def shifted_forward(*a, timestep, **k):
+        return real_forward(*a, timestep=(timestep - shift).clamp_min(0), **k)
+
+    model.forward = shifted_forward
+    _, kw_shifted = _block_inputs(model, run)
+    del model.forward
+    if kind == "dit":
+        assert kw_shifted["timestep"].tolist() == (t - shift).clamp_min(0).tolist() == [599, 100, 0]
+    assert not torch.equal(kw_shifted["timestep"], kw["timestep"])
+
+    loop = apply_ilf(model, ILFConfig(loop_start=1, loop_end=2, feedback_t_shift=shift))
+    with torch.no_grad():
+        loop.scales.fill_(0.5)
+    seen = {}
+    handle = model.transformer_blocks[-1].register_forward_hook(lambda m, a, o: seen.__setitem__("out", o))
+    with torch.no_grad():
+        run()
+    handle.remove()
+    loop = remove_ilf(model)
+    blocks = model.transformer_blocks
+    with torch.no_grad():
+        want = _reference_blocks(blocks, h0, kw, loop, kw_shifted)
+        unshifted = _reference_blocks(blocks, h0, kw, loop, kw)
+    torch.testing.assert_close(seen["out"], want, rtol=1e-6, atol=1e-6)
+    assert (seen["out"] - unshifted).abs().max() > 1e-4  # the shift is visible: the check can fail
 
 
 def test_active_flag_switches_loop_without_rebuild(dit):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import IlfOpCalls, require_cuda_kernels
 
 from ilf_runtime import ops
 from ilf_runtime.ext import ext_status, has_ext
@@ -290,20 +291,29 @@ def test_empty_inputs():
 
 @needs_ext
 def test_public_ops_agree_with_reference_either_way(monkeypatch):
+    """The public ops run the compiled kernel exactly when preferred, and give the formula's value
+    (computed here in float64, independently of the references) either way."""
     h, f, s = _inject_inputs((2, 5, 24), "channel")
     x, shift, scale = _ada_inputs((2, 5, 24), "B1D")
     g_args = _gated_inputs((2, 5, 24), "channel")
+    xg, gate, yg, _, fg, sg = (t.double() if t is not None else None for t in g_args)
+    want_gated = (xg + gate[:, None] * yg + sg * fg).float()
+    want_inject = (h.double() + s.double() * f.double()).float()
+    x64 = x.double()
+    mean, var = x64.mean(-1, keepdim=True), x64.var(-1, unbiased=False, keepdim=True)
+    want_ada = ((x64 - mean) / torch.sqrt(var + EPS) * (1 + scale.double()) + shift.double()).float()
     for prefer in (True, False):
         for key in [*ops._PREFER_EXT, ("gated_residual", "cpu", torch.float32)]:
             monkeypatch.setitem(ops._PREFER_EXT, key, prefer)
-        torch.testing.assert_close(ops.gated_residual(*g_args), ops.gated_residual_ref(*g_args))
-        torch.testing.assert_close(ops.feedback_inject(h, f, s), ops.feedback_inject_ref(h, f, s))
-        torch.testing.assert_close(
-            ops.ada_layernorm(x, shift, scale, EPS),
-            ops.ada_layernorm_ref(x, shift, scale, EPS),
-            rtol=1e-5,
-            atol=1e-5,
-        )
+        with IlfOpCalls() as calls:
+            got_gated = ops.gated_residual(*g_args)
+            got_inject = ops.feedback_inject(h, f, s)
+            got_ada = ops.ada_layernorm(x, shift, scale, EPS)
+        want_calls = {"gated_residual": 1, "feedback_inject": 1, "ada_layernorm": 1} if prefer else {}
+        assert dict(calls.counts) == want_calls, prefer
+        torch.testing.assert_close(got_gated, want_gated, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_inject, want_inject, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_ada, want_ada, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,10 +411,7 @@ def test_meta_and_fake_tensors():
 
 
 def _cuda_ops_or_skip() -> None:
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    if not ext_status()["cuda_ops"]:
-        pytest.skip("ilf_runtime._C was built without CUDA kernels (ILF_CUDA_BUILD)")
+    require_cuda_kernels()
 
 
 def _check_against_ref(out, ref_fn, args, dtype):

@@ -4,6 +4,7 @@ weights file that `apply_ilf` loads."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -111,7 +112,7 @@ def test_weights_file_loads_with_apply_ilf(dit_dir, tmp_path):
     assert len(val) == 2 and val[1].startswith("6,")
 
 
-@pytest.mark.parametrize("how", ["max_minutes", "signal"])
+@pytest.mark.parametrize("how", ["max_minutes", "SIGINT", "SIGTERM"])
 def test_interrupt_and_resume_matches_uninterrupted(dit_dir, tmp_path, monkeypatch, how):
     full = main(_args(dit_dir, tmp_path / "full", target="trajectory+fast", feature_weight=0.1))
     a = _args(dit_dir, tmp_path / "cut", target="trajectory+fast", feature_weight=0.1)
@@ -122,8 +123,8 @@ def test_interrupt_and_resume_matches_uninterrupted(dit_dir, tmp_path, monkeypat
         real = Distiller.loss
 
         def loss_then_ctrl_c(self, step):
-            if step == 3:
-                os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C would; the step still completes
+            if step == 3:  # as Ctrl-C or a scheduler's SIGTERM would; the step still completes
+                os.kill(os.getpid(), getattr(signal, how))
             return real(self, step)
 
         monkeypatch.setattr(Distiller, "loss", loss_then_ctrl_c)
@@ -151,6 +152,84 @@ def test_resume_refuses_other_arguments(dit_dir, tmp_path):
         main(replace(a, loop=moved, resume=True))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         main(replace(a, out=str(tmp_path / "nothing"), resume=True))
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_cli_train_signal_exits_130_with_a_resumable_checkpoint(dit_dir, tmp_path, sig):
+    """Ctrl-C (SIGINT) or SIGTERM to `ilf train`: the step in flight completes, a checkpoint is
+    written, the process says how to continue and exits 130; --resume then finishes the run."""
+    import time
+
+    out = tmp_path / "run"
+    flags = ["-m", "ilf_runtime", "train", "--model", dit_dir, "--out", str(out), "--loop-start", "1",
+             "--loop-end", "2", "--loop-steps", "all", "--steps", "2", "--teacher-steps", "4", "--states",
+             "teacher", "--bank-size", "4", "--batch-size", "2", "--train-steps", "100000", "--ckpt-every",
+             "100000", "--val-samples", "2", "--no-progress", "--device", "cpu"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(
+        [sys.executable, *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            log = out / "log.csv"
+            if log.is_file() and len(log.read_text().splitlines()) >= 3:  # header + 2 steps
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        proc.send_signal(getattr(signal, sig))
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "continue with --resume" in stdout
+    step = int(stdout.split("stopped at step ")[1].split()[0])
+    log_steps = [int(r.split(",")[0]) for r in (out / "log.csv").read_text().splitlines()[1:]]
+    assert step >= 2 and log_steps == list(range(1, step + 1))
+    from safetensors import safe_open
+
+    with safe_open(str(out / "checkpoint.safetensors"), framework="pt") as f:
+        assert int(f.metadata()["step"]) == step  # the checkpoint holds every logged step
+    assert not (out / "feedback.safetensors").exists()
+
+
+def _checkpointed_run(dit_dir, tmp_path) -> tuple[TrainArgs, Path]:
+    a = _args(dit_dir, tmp_path / "run", train_steps=2)
+    main(replace(a, max_minutes=1e-9))  # stops after step 1 with a checkpoint
+    return a, tmp_path / "run" / "checkpoint.safetensors"
+
+
+def test_resume_refuses_a_foreign_or_unreadable_checkpoint(dit_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    a, ckpt = _checkpointed_run(dit_dir, tmp_path)
+    good = ckpt.read_bytes()
+    resume = replace(a, resume=True)
+    # a feedback weights file (a safetensors file of this project, but not a checkpoint)
+    other = main(_args(dit_dir, tmp_path / "other", train_steps=1))
+    ckpt.write_bytes(Path(other["weights"]).read_bytes())
+    with pytest.raises(ValueError, match="not an ilf training checkpoint"):
+        main(resume)
+    save_file({"x": torch.zeros(2)}, str(ckpt), {"format": "something-else"})  # someone else's file
+    with pytest.raises(ValueError, match="not an ilf training checkpoint"):
+        main(resume)
+    for bad in (b"", b"not a safetensors file", good[: len(good) // 2]):  # empty, garbage, truncated
+        ckpt.write_bytes(bad)
+        with pytest.raises(ValueError, match="unreadable or corrupted"):
+            main(resume)
+    ckpt.write_bytes(good)
+    assert main(resume)["finished"]  # the intact file still resumes
+
+
+def test_resume_refuses_a_checkpoint_with_a_flipped_byte(dit_dir, tmp_path):
+    """A flipped byte in the tensor data of a checkpoint must not resume silently into other weights."""
+    a, ckpt = _checkpointed_run(dit_dir, tmp_path)
+    data = bytearray(ckpt.read_bytes())
+    data[-5] ^= 0x40  # inside the last tensor's bytes, past the header
+    ckpt.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"(?i)checksum|corrupt"):
+        main(replace(a, resume=True))
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(dit_dir, tmp_path, monkeypatch):
@@ -189,11 +268,24 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(dit_dir, tmp_path, monk
 def test_training_variants_run(dit_dir, tmp_path, kw):
     result = main(_args(dit_dir, tmp_path / "run", train_steps=3, **kw))
     assert result["finished"]
-    rows = (tmp_path / "run" / "log.csv").read_text().splitlines()[1:]
-    assert all(float(r.split(",")[1]) == float(r.split(",")[1]) for r in rows)  # finite, not NaN
+    rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    for r in rows:  # every logged number finite (neither NaN nor inf), the loss present and positive
+        assert math.isfinite(float(r["loss"])) and float(r["loss"]) > 0, r
+        assert all(math.isfinite(float(v)) for v in r.values() if v != ""), r
+
+
+def _needs_fashion_mnist() -> None:
+    from ilf_runtime.fashion.data import load_fashion_mnist
+
+    try:
+        load_fashion_mnist("train")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
 
 
 def test_data_states_on_a_fashion_shaped_dit(tmp_path):
+    _needs_fashion_mnist()  # states="data" draws noised Fashion-MNIST images
     path = tmp_path / "fdit"
     tiny_dit(num_layers=3, in_channels=1, num_classes=10, learned_sigma=False).save_pretrained(path)
     result = main(_args(str(path), tmp_path / "run", states="data", guidance=1.0, loop_start=0, loop_end=1))
@@ -302,16 +394,28 @@ def test_cli_resume_needs_the_same_loop_flags(dit_dir, tmp_path, capsys):
     assert w.metadata["training"]["steps"] == 2 and w.metadata["training"]["steps_this_session"] == 1
 
 
-def test_torchrun_two_ranks_end_with_identical_weights(dit_dir, tmp_path):
-    out = tmp_path / "ddp"
+needs_gloo = pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+    reason="torch.distributed gloo missing",
+)
+
+
+def _torchrun_train(dit_dir: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
         "-m", "ilf_runtime", "train", "--model", dit_dir, "--out", str(out), "--loop-start", "1", "--loop-end", "2",
         "--steps", "2", "--teacher-steps", "4", "--states", "teacher", "--bank-size", "8", "--batch-size", "4",
-        "--train-steps", "4", "--ckpt-every", "2", "--val-samples", "5", "--no-progress", "--device", "cpu",
+        "--train-steps", "4", "--ckpt-every", "2", "--val-samples", "5", "--no-progress", "--device", "cpu", *extra,
     ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=env)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.distributed
+@needs_gloo
+def test_torchrun_two_ranks_identical_weights_and_exact_resume(dit_dir, tmp_path):
+    out = tmp_path / "ddp"
+    proc = _torchrun_train(dit_dir, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     digests = summary["rank_digests"]
@@ -319,6 +423,19 @@ def test_torchrun_two_ranks_end_with_identical_weights(dit_dir, tmp_path):
     w = load_ilf_weights(out / "feedback.safetensors")
     assert w.metadata["training"]["world_size"] == 2
     assert w.metadata["content_sha256"] == digests[0]
+
+    # stopped after one step under torchrun, then resumed under torchrun: the same weights
+    cut = tmp_path / "cut"
+    proc = _torchrun_train(dit_dir, cut, "--max-minutes", "1e-9")
+    assert proc.returncode == 0 and "stopped at step 1" in proc.stdout, proc.stderr[-3000:]
+    assert (cut / "checkpoint.safetensors").is_file() and not (cut / "feedback.safetensors").exists()
+    proc = _torchrun_train(dit_dir, cut, "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = load_ilf_weights(cut / "feedback.safetensors")
+    assert resumed.metadata["training"]["steps_this_session"] == 3
+    assert resumed.metadata["training"]["world_size"] == 2
+    for k, v in w.tensors.items():
+        torch.testing.assert_close(resumed.tensors[k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_bank_cache_is_reused_and_gives_the_same_run(dit_dir, tmp_path):

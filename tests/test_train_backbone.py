@@ -32,14 +32,21 @@ class _Clock:
 
 
 @pytest.fixture
-def tb():
+def tb_module():
+    """The script as a module, for tests that need no training data."""
+    return _module()
+
+
+@pytest.fixture
+def tb(tb_module):
+    """The script, for tests that train (on Fashion-MNIST): skipped, with the reason, without the data."""
     from ilf_runtime.fashion.data import load_fashion_mnist
 
     try:
         load_fashion_mnist("train")
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    return _module()
+    return tb_module
 
 
 def _args(tb, out, **kw):
@@ -83,7 +90,8 @@ def test_resume_refuses_other_arguments(tb, tmp_path):
         tb.main(_args(tb, tmp_path / "run", steps=3, resume=True))
 
 
-def test_block_label_dropout_is_off(tb):
+def test_block_label_dropout_is_off(tb_module):
+    tb = tb_module  # random inputs: no data needed
     model = tb.build_model(tb.TrainArgs(layers=2, width=16, heads=2, size=8)).train()
     x, t = torch.randn(64, 1, 8, 8), torch.full((64,), 500)
     y = torch.zeros(64, dtype=torch.long)

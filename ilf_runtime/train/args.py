@@ -59,6 +59,8 @@ class TrainArgs:
         val_samples: images of the fixed validation set (paired PSNR against the teacher's samples).
         max_minutes: stop with a checkpoint after this much training time (0: no limit).
         resume: continue from ``out/checkpoint.safetensors``.
+        overwrite: start afresh in an ``out`` that holds an earlier run, replacing its checkpoint, logs
+            and weights (without it such a directory is refused).
         progress: show a progress bar.
         device: ``cpu`` or ``cuda`` (default: CUDA when available).
     """
@@ -96,6 +98,7 @@ class TrainArgs:
     val_samples: int = 200
     max_minutes: float = 0.0
     resume: bool = False
+    overwrite: bool = False
     progress: bool = True
     device: str | None = field(default=None, metadata={"choices": ("cpu", "cuda")})
 

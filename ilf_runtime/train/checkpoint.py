@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import signal
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from ilf_runtime.train.args import TrainArgs, flat_args
-from ilf_runtime.weights import save_file_atomic
+from ilf_runtime.weights import content_hash, save_file_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ __all__ = [
     "WEIGHTS",
     "StopFlag",
     "append_row",
+    "checkpoint_hash",
     "load_checkpoint",
     "save_checkpoint",
     "trim_log",
@@ -57,11 +59,28 @@ def save_checkpoint(
         "seconds": repr(seconds),
         "param_groups": json.dumps(sd["param_groups"]),
     }
+    meta["sha256"] = checkpoint_hash(tensors, meta)
     save_file_atomic(tensors, path, meta)
 
 
+def checkpoint_hash(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    """sha256 over every tensor (`weights.content_hash`) and every metadata field but itself."""
+    blob = json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True)
+    return hashlib.sha256((content_hash(tensors) + blob).encode()).hexdigest()
+
+
 # Arguments that may change between an interrupted run and its resumption (flat names).
-RESUMABLE = {"resume", "max_minutes", "progress", "val_every", "ckpt_every", "device", "out", "bank_cache"}
+RESUMABLE = {
+    "resume",
+    "overwrite",
+    "max_minutes",
+    "progress",
+    "val_every",
+    "ckpt_every",
+    "device",
+    "out",
+    "bank_cache",
+}
 
 
 def load_checkpoint(
@@ -83,13 +102,13 @@ def load_checkpoint(
         raise ValueError(f"checkpoint {path}: unreadable or corrupted ({e})") from None
     if meta.get("format") != "ilf-train-checkpoint":
         raise ValueError(f"checkpoint {path}: not an ilf training checkpoint")
-    saved, now = flat_args(json.loads(meta["args"])), flat_args(a)
-    diff = sorted(k for k, v in now.items() if k not in RESUMABLE and saved.get(k) != v)
-    if diff:
+    if "sha256" not in meta:  # written before checkpoints carried a checksum
+        logger.warning("checkpoint %s has no checksum (an older version wrote it); not verified", path)
+    elif meta["sha256"] != checkpoint_hash(tensors, meta):
         raise ValueError(
-            f"checkpoint {path} was written with different arguments: "
-            + ", ".join(f"{k}={saved.get(k)!r} (now {now[k]!r})" for k in diff)
+            f"checkpoint {path}: checksum mismatch: the file is corrupted; delete it to start afresh"
         )
+    step, seconds, groups = _check_checkpoint(path, meta, tensors, loop, a)
     with torch.no_grad():
         for n, p in loop.named_parameters():
             p.copy_(tensors[f"model.{n}"])
@@ -100,9 +119,53 @@ def load_checkpoint(
         if key.startswith("opt."):
             _, pid, name = key.split(".", 2)
             state.setdefault(int(pid), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    opt.load_state_dict({"state": state, "param_groups": groups})
     torch.set_rng_state(tensors["rng.torch"])
-    return int(meta["step"]), float(meta["seconds"])
+    return step, seconds
+
+
+def _check_checkpoint(
+    path: Path, meta: dict[str, str], tensors: dict[str, torch.Tensor], loop: nn.Module, a: TrainArgs
+) -> tuple[int, float, list[Any]]:
+    """(step, seconds, param_groups) of a checkpoint whose fields, arguments and tensors check out."""
+    where = f"checkpoint {path}"
+    missing = [k for k in ("args", "step", "seconds", "param_groups") if k not in meta]
+    names = [n for n, _ in loop.named_parameters()]
+    missing += [
+        k
+        for k in [f"model.{n}" for n in names] + [f"ema.{n}" for n in names] + ["rng.torch"]
+        if k not in tensors
+    ]
+    if missing:
+        raise ValueError(f"{where}: incomplete, lacks {', '.join(missing[:6])}")
+    try:
+        saved, groups = json.loads(meta["args"]), json.loads(meta["param_groups"])
+        step, seconds = int(meta["step"]), float(meta["seconds"])
+    except ValueError as e:
+        raise ValueError(f"{where}: unreadable metadata ({e})") from None
+    if not isinstance(saved, dict) or not isinstance(groups, list):
+        raise ValueError(  # noqa: TRY004 (a ValueError: the CLI's one-line errors)
+            f"{where}: metadata 'args' must be a JSON object and 'param_groups' a list"
+        )
+    saved, now = flat_args(saved), flat_args(a)
+    diff = sorted(k for k, v in now.items() if k not in RESUMABLE and saved.get(k) != v)
+    if diff:
+        raise ValueError(
+            f"checkpoint {path} was written with different arguments: "
+            + ", ".join(f"{k}={saved.get(k)!r} (now {now[k]!r})" for k in diff)
+        )
+    if not 0 <= step <= a.train_steps:
+        raise ValueError(f"{where}: step {step} is outside 0..{a.train_steps} (--train-steps)")
+    if not (seconds >= 0 and seconds != float("inf")):
+        raise ValueError(f"{where}: training time {seconds!r} is not a finite number >= 0")
+    for n, p in loop.named_parameters():
+        for k in (f"model.{n}", f"ema.{n}"):
+            if tensors[k].shape != p.shape or not bool(torch.isfinite(tensors[k]).all()):
+                raise ValueError(
+                    f"{where}: tensor {k!r} has shape {tuple(tensors[k].shape)} or non-finite values; "
+                    f"expected finite values of shape {tuple(p.shape)}"
+                )
+    return step, seconds, groups
 
 
 class StopFlag:

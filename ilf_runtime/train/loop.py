@@ -77,6 +77,7 @@ class Trainer:
         self.out = Path(a.out)
         self.ckpt = self.out / CKPT
         self.step, self.seconds = 0, 0.0
+        self.saved_step: int | None = None  # the step of the last checkpoint written or resumed from
         self.open_run_dir()
         self.start_step = self.step
         self.d = Distiller(self.model, self.loop, a, info)
@@ -86,23 +87,33 @@ class Trainer:
         """Creates the run directory, then resumes from its checkpoint (dropping the log rows written
         after it) or starts the logs afresh."""
         a, info, out = self.a, self.info, self.out
+        earlier = [f for f in (CKPT, WEIGHTS, "log.csv") if (out / f).exists()]  # every rank checks
+        if earlier and not (a.resume or a.overwrite):
+            raise ValueError(
+                f"--out {out} holds an earlier run ({', '.join(earlier)}): pass --resume to continue it "
+                "or --overwrite to start afresh"
+            )
         if info.is_main:
             out.mkdir(parents=True, exist_ok=True)
+            for tmp in out.glob("*.safetensors*.tmp"):  # left by a write that a kill interrupted
+                tmp.unlink(missing_ok=True)
         barrier(info)
         if a.resume:
             self.step, self.seconds = load_checkpoint(self.ckpt, self.loop, self.ema, self.opt, a)
+            self.saved_step = self.step
             if info.is_main:
                 trim_log(out / "log.csv", self.step)
                 trim_log(out / "val.csv", self.step)
             logger.info("resumed from %s at step %d", self.ckpt, self.step)
         elif info.is_main:
-            for f in ("log.csv", "val.csv"):
+            for f in ("log.csv", "val.csv", CKPT, WEIGHTS):
                 (out / f).unlink(missing_ok=True)
 
     def checkpoint(self) -> None:
         """Rank 0 writes the checkpoint of the current step; every rank waits for it."""
         if self.info.is_main:
             save_checkpoint(self.ckpt, self.loop, self.ema, self.opt, self.a, self.step, self.seconds)
+        self.saved_step = self.step
         barrier(self.info)
 
     def validate(self, restore: bool = True) -> dict[str, Any] | None:
@@ -148,10 +159,14 @@ class Trainer:
         )
         all_reduce_mean(grads + [summary], self.info)
         if not torch.isfinite(summary[0]):
-            good = self.step - self.step % a.ckpt_every if self.step >= a.ckpt_every else 0
+            kept = (
+                "no checkpoint was written yet"
+                if self.saved_step is None
+                else f"the last good checkpoint {self.ckpt} (step {self.saved_step}) is kept"
+            )
             raise FloatingPointError(
-                f"non-finite training loss at step {self.step} ({float(summary[0])}); the last good checkpoint "
-                f"{self.ckpt} (step {good}) is kept; lower --lr or check the inputs"
+                f"non-finite training loss at step {self.step} ({float(summary[0])}); {kept}; "
+                "lower --lr or check the inputs"
             )
         for p, g in zip(params, grads):
             p.grad = g
