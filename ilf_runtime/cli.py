@@ -73,7 +73,9 @@ class SampleArgs:
         device: torch device.
         dtype: parameter dtype.
         out: output PNG grid.
-        progress: show a progress bar.
+        out_dir: also write one PNG per image into this folder, with its seed, label or prompt, steps,
+            solver, guidance and weights in the PNG's text chunks.
+        progress: show a progress bar (on a terminal).
         cuda_graph: run each batch's denoising loop as one CUDA graph (CUDA only).
         fused: run the blocks through the fused forward (`ilf_runtime.fused`; on the CPU the compiled
             ops are used where benchmarks/cpu_ops.py measured them faster).
@@ -95,6 +97,7 @@ class SampleArgs:
     device: str = "cpu"
     dtype: str = field(default="fp32", metadata={"choices": tuple(DTYPES)})
     out: str = "samples.png"
+    out_dir: str | None = None
     progress: bool = True
     cuda_graph: bool = False
     fused: bool = False
@@ -136,6 +139,17 @@ class InfoArgs:
     file: str = field(metadata={"positional": True})
 
 
+@dataclass
+class ModelsArgs:
+    """`ilf models`: the built-in models and, for each, the feedback weights shipped with it.
+
+    Args:
+        name: only this built-in model (default: all).
+    """
+
+    name: str | None = None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ilf_runtime.bench import add_arguments as add_bench_arguments
     from ilf_runtime.train import add_arguments as add_train_arguments
@@ -149,9 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("sample", SampleArgs, "sample an image grid"),
         ("eval", EvalCommand, "sample N images per class and measure FID, class accuracy, paired PSNR"),
         ("info", InfoArgs, "print a feedback weights file's metadata"),
+        ("models", ModelsArgs, "list the built-in models and the feedback weights shipped with each"),
     ):
         add_dataclass_arguments(
-            sub.add_parser(name, help=short, description=cls.__doc__.splitlines()[0]), cls
+            sub.add_parser(name, help=short, description=cls.__doc__.splitlines()[0].replace("`", "")), cls
         )
     add_train_arguments(
         sub.add_parser(
@@ -251,7 +266,7 @@ def cmd_sample(args: SampleArgs) -> int:
     import torch
 
     from ilf_runtime.fused import apply_fused_blocks
-    from ilf_runtime.images import save_grid
+    from ilf_runtime.images import save_grid, save_images
     from ilf_runtime.pipelines import sample
     from ilf_runtime.registry import MODEL_NAMES
 
@@ -314,7 +329,7 @@ def cmd_sample(args: SampleArgs) -> int:
         ilf=args.weights,
         loop_steps=args.loop_steps,
         batch_size=args.batch_size,
-        progress=args.progress,
+        progress=args.progress and sys.stderr.isatty(),
         cuda_graph=args.cuda_graph,
         **kw,
     )
@@ -322,13 +337,30 @@ def cmd_sample(args: SampleArgs) -> int:
     path = save_grid(out.images, args.out, nrow=n, row_labels=labels)
     info = out.info
     count = len(out.seeds)
+    if args.out_dir:
+        common = {
+            "model": args.model,
+            "steps": str(args.steps),
+            "solver": str(info["solver"]),
+            "guidance": str(info["guidance_scale"]),
+            "weights": str(args.weights or "none"),
+        }
+        key = "label" if labels is None else "prompt"
+        texts = [
+            common | {"seed": str(s), key: str(lab)} for s, lab in zip(out.seeds, out.labels, strict=True)
+        ]
+        written = save_images(out.images, args.out_dir, texts)
+        print(
+            f"wrote {len(written)} PNG{'' if len(written) == 1 else 's'} with their settings to {args.out_dir}"
+        )
     ilf_desc = (
         "off"
         if info["ilf"] is None
         else f"{args.weights} (looped steps {sum(info['loop_mask'])}/{args.steps})"
     )
     print(
-        f"wrote {path}: {count} images, {len(nrow_labels)} rows x {n} ({adapter.name}, {info['solver']}, "
+        f"wrote {path}: {count} image{'' if count == 1 else 's'}, {len(nrow_labels)} row"
+        f"{'' if len(nrow_labels) == 1 else 's'} x {n} ({adapter.name}, {info['solver']}, "
         f"{args.steps} steps, guidance {info['guidance_scale']}, ILF {ilf_desc})"
     )
     print(
@@ -366,6 +398,49 @@ def cmd_info(args: InfoArgs) -> int:
     return 0
 
 
+def shipped_summary(path: str | Path) -> str:
+    """One line on what a shipped weights file targets: solver, steps, looped steps, block
+    evaluations per image and the validation gain over plain sampling at equal cost."""
+    from ilf_runtime.weights import read_metadata
+
+    meta = read_metadata(path)
+    s, v = meta.get("sampler") or {}, (meta.get("training") or {}).get("validation") or {}
+    text = (
+        f"{s.get('solver') or 'model scheduler'}, {s.get('num_steps', '?')} steps, "
+        f"loop {s.get('loop_steps') or meta['ilf_config'].get('loop_steps')}"
+    )
+    if s.get("guidance_scale") not in (None, 1.0):
+        text += f", guidance {s['guidance_scale']}"
+    if v.get("block_evals") is not None:
+        text += f", {v['block_evals']} block evals/image"
+    if v.get("gain_db") is not None:
+        text += (
+            f"; validation: {v['psnr']:.2f} dB vs the {s.get('teacher_steps', 20)}-step images, "
+            f"{v['gain_db']:+.2f} ± {v['gain_se']:.2f} dB over plain {v['equal_cost_steps']} steps (equal cost)"
+        )
+    return text
+
+
+def cmd_models(args: ModelsArgs) -> int:
+    from ilf_runtime.registry import MODEL_NAMES, shipped_weights
+
+    names = [args.name] if args.name else list(MODEL_NAMES)
+    for name in names:
+        if name not in MODEL_NAMES:
+            raise UsageError(f"no built-in model {name!r}; built-in: {', '.join(MODEL_NAMES)}")
+        where, desc = MODEL_NAMES[name]
+        print(f"{name}: {desc}")
+        if not callable(where):
+            print(f"  folder: {where}" + ("" if (Path(where) / "config.json").is_file() else " (missing)"))
+        files = shipped_weights(name)
+        for key, f in files.items():
+            flag = "shipped" if key == "default" else f"shipped:{key}"
+            print(f"  --weights {flag}: {f.name}: {shipped_summary(f)}")
+        if not files:
+            print("  no shipped feedback weights")
+    return 0
+
+
 def cmd_eval(args: EvalCommand) -> int:
     from ilf_runtime.fashion.evaluate import evaluate, markdown_row, write_results
     from ilf_runtime.fused import apply_fused_blocks
@@ -378,7 +453,7 @@ def cmd_eval(args: EvalCommand) -> int:
         apply_fused_blocks(model)
     if not model.adapter.class_conditional:
         return _eval_prompts(model, a, args)
-    result = evaluate(model, a, progress=args.progress)
+    result = evaluate(model, a, progress=args.progress and sys.stderr.isatty())
     write_results([result], args.out)
     f = result["fid"]
     print(
@@ -403,7 +478,7 @@ def _eval_prompts(model: Any, a: EvalArgs, args: EvalCommand) -> int:
         prompt_markdown_row,
     )
 
-    r = evaluate_prompts(model, a, progress=args.progress)
+    r = evaluate_prompts(model, a, progress=args.progress and sys.stderr.isatty())
     write_results([r], args.out, prompt_markdown_row, PROMPT_MARKDOWN_HEADER)
     acc = r["accuracy"]
     line = ", ".join(
@@ -466,6 +541,7 @@ COMMANDS = {
     "sample": (cmd_sample, SampleArgs),
     "eval": (cmd_eval, EvalCommand),
     "info": (cmd_info, InfoArgs),
+    "models": (cmd_models, ModelsArgs),
     "train": (cmd_train, None),
     "bench": (cmd_bench, None),
 }

@@ -46,7 +46,7 @@ def field_help(cls: type) -> dict[str, str]:
     out: dict[str, str] = {}
     for c in reversed(cls.__mro__):
         out |= _args_section(c.__doc__ or "") if c.__dict__.get("__doc__") else {}
-    return out
+    return {k: v.replace("``", "").replace("`", "") for k, v in out.items()}  # no rst markup in --help
 
 
 def _args_section(doc: str) -> dict[str, str]:

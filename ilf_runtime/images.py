@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["make_grid", "save_grid"]
+__all__ = ["make_grid", "save_grid", "save_images"]
 
 
 def make_grid(images: torch.Tensor, nrow: int, *, pad: int = 2, min_cell: int = 64) -> torch.Tensor:
@@ -63,3 +63,25 @@ def save_grid(
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
+
+
+def save_images(images: torch.Tensor, folder: str | PathLike, texts: Sequence[dict[str, str]]) -> list[Path]:
+    """Writes each image of (B, C, H, W) in [0, 1] as ``folder/00000.png`` (8-bit grey or RGB, no
+    enlargement), with ``texts[i]`` (seed, label or prompt, sampler settings) as PNG text chunks."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    if images.ndim != 4 or len(texts) != images.shape[0]:
+        raise ValueError(f"save_images: {len(texts)} text records for images of shape {tuple(images.shape)}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    arr = (images.float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    paths = []
+    for i, (a, t) in enumerate(zip(arr, texts)):
+        info = PngInfo()
+        for k, v in t.items():
+            info.add_itxt(k, str(v))  # iTXt: UTF-8, so any prompt survives
+        img = Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a)
+        paths.append(folder / f"{i:05d}.png")
+        img.save(paths[-1], pnginfo=info)
+    return paths
