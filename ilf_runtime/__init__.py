@@ -9,16 +9,41 @@ Public API (the layers below are documented in docs/ARCHITECTURE.md):
 - `shipped_weights`: the feedback weights files shipped with a built-in model, by name.
 - `ext_status`: what the compiled extension loaded, or why not.
 
-Importing this package never initialises CUDA and works without the compiled extension.
+Importing this package never initialises CUDA, works without the compiled extension and imports
+torch only when one of these names is first used.
 """
 
-from ilf_runtime.config import ILFConfig
-from ilf_runtime.ext import ext_status
-from ilf_runtime.ilf import apply_ilf, get_ilf, remove_ilf
-from ilf_runtime.pipelines import sample
-from ilf_runtime.registry import load_model, shipped_weights
-from ilf_runtime.stock import disable, enable
-from ilf_runtime.weights import load_ilf_weights, save_ilf_weights
+import importlib
+from typing import Any
+
+# name -> module; imported on first use, so that `import ilf_runtime` (and `ilf --help`) stays fast
+_EXPORTS = {
+    "ILFConfig": "config",
+    "ext_status": "ext",
+    "apply_ilf": "ilf",
+    "get_ilf": "ilf",
+    "remove_ilf": "ilf",
+    "sample": "pipelines",
+    "load_model": "registry",
+    "shipped_weights": "registry",
+    "enable": "stock",
+    "disable": "stock",
+    "load_ilf_weights": "weights",
+    "save_ilf_weights": "weights",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"ilf_runtime.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ilf_runtime' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __version__ = "0.1.0"
 

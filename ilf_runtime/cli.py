@@ -16,10 +16,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ilf_runtime.choices import DTYPES, SOLVER_NAMES
 from ilf_runtime.cliargs import add_dataclass_arguments, from_namespace
-from ilf_runtime.fashion.evaluate import EvalArgs
-from ilf_runtime.registry import DTYPES
-from ilf_runtime.solvers import SOLVERS
+from ilf_runtime.fashion.eval_args import EvalArgs
 
 __all__ = ["COMMANDS", "EvalCommand", "InfoArgs", "SampleArgs", "build_parser", "main"]
 
@@ -89,7 +88,7 @@ class SampleArgs:
     negative_prompt: str = ""
     prompt_embeds: str | None = None
     steps: int | None = field(default=None, metadata=POSITIVE)
-    solver: str | None = field(default=None, metadata={"choices": tuple(SOLVERS)})
+    solver: str | None = field(default=None, metadata={"choices": SOLVER_NAMES})
     guidance: float | None = None
     seed: int = 0
     loop_steps: str | None = None
@@ -118,7 +117,7 @@ class EvalCommand(EvalArgs):
     """
 
     steps: int | None = field(default=None, metadata=POSITIVE)
-    solver: str | None = field(default=None, metadata={"choices": tuple(SOLVERS)})
+    solver: str | None = field(default=None, metadata={"choices": SOLVER_NAMES})
     per_class: int = field(default=100, metadata=POSITIVE)
     subsets: int = field(default=5, metadata=POSITIVE)
     batch_size: int = field(default=250, metadata=POSITIVE)
@@ -150,10 +149,9 @@ class ModelsArgs:
     name: str | None = None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from ilf_runtime.bench import add_arguments as add_bench_arguments
-    from ilf_runtime.train import add_arguments as add_train_arguments
-
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `ilf` parser. ``train`` and ``bench`` take their flags from modules that import torch: with
+    ``command`` given, only that subcommand's flags are added (``ilf --help`` imports no torch)."""
     p = argparse.ArgumentParser(
         prog="ilf", description="Fast DiT / PixArt sampling with Inner Loop Feedback."
     )
@@ -168,22 +166,31 @@ def build_parser() -> argparse.ArgumentParser:
         add_dataclass_arguments(
             sub.add_parser(name, help=short, description=cls.__doc__.splitlines()[0].replace("`", "")), cls
         )
-    add_train_arguments(
-        sub.add_parser(
-            "train",
-            help="distil feedback weights from a frozen backbone",
-            description="Train the feedback module of an ILF loop by distillation from the frozen backbone; "
-            "runs data-parallel under torchrun.",
-        )
+    train = sub.add_parser(
+        "train",
+        help="distil feedback weights from a frozen backbone",
+        description="Train the feedback module of an ILF loop by distillation from the frozen backbone; "
+        "runs data-parallel under torchrun.",
     )
-    add_bench_arguments(
-        sub.add_parser(
-            "bench",
-            help="speed and quality of ILF against fewer steps and caching methods (benchmarks/compare.py)",
-            description="One table, one plot, one grid: ILF, plain samplers and caches on one model, in one run.",
-        )
+    bench = sub.add_parser(
+        "bench",
+        help="speed and quality of ILF against fewer steps and caching methods (benchmarks/compare.py)",
+        description="One table, one plot, one grid: ILF, plain samplers and caches on one model, in one run.",
     )
+    if command in (None, "train"):
+        from ilf_runtime.train.args import add_arguments as add_train_arguments
+
+        add_train_arguments(train)
+    if command in (None, "bench"):
+        from ilf_runtime.bench import add_arguments as add_bench_arguments
+
+        add_bench_arguments(bench)
     return p
+
+
+def _command(argv: list[str]) -> str:
+    """The subcommand named in `argv` ("" when none: then only the top-level parser is needed)."""
+    return next((a for a in argv if not a.startswith("-")), "")
 
 
 def _weights_defaults(args: argparse.Namespace) -> None:
@@ -548,7 +555,8 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s"

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ilf_runtime.choices import DTYPES
 from ilf_runtime.models import ModelAdapter, adapter_for_class, resolve
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,6 @@ __all__ = [
     "to_model",
 ]
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # command-line names of dtypes
 
 # Bare transformers without a scheduler config get DDIM on DiT's linear beta schedule, with
 # trailing spacing so that coarse step grids are subsets of finer ones, and a final step to

@@ -52,3 +52,27 @@ def test_help_has_a_description_per_flag_and_no_markup(command):
     for action in sub._actions:
         if action.option_strings and action.dest != "help":
             assert action.help and action.help.strip() and not action.help.startswith("(default"), action.dest
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["sample", "--help"], ["models", "--help"]])
+def test_help_imports_neither_torch_nor_diffusers(argv):
+    """`ilf --help` must be fast: it may not import torch or diffusers (seconds on a small machine)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom ilf_runtime.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "print(sorted({'torch', 'diffusers'} & set(sys.modules)))"
+    )
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True)
+    assert r.stdout.strip().splitlines()[-1] == "[]" and "usage: ilf" in r.stdout
+
+
+def test_choices_match_the_runtime_tables():
+    from ilf_runtime.choices import DTYPES, SOLVER_NAMES
+    from ilf_runtime.solvers import SOLVERS
+
+    assert tuple(SOLVERS) == SOLVER_NAMES
+    import torch as t
+
+    assert all(isinstance(getattr(t, v), t.dtype) for v in DTYPES.values())

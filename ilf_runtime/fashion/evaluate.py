@@ -12,7 +12,7 @@ import functools
 import json
 import logging
 import platform
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import torch
 from ilf_runtime.fashion import unsupported_reason
 from ilf_runtime.fashion.classifier import CLASSIFIER_DIR, class_accuracy, load_fashion_classifier
 from ilf_runtime.fashion.data import load_fashion_mnist
+from ilf_runtime.fashion.eval_args import EvalArgs
 from ilf_runtime.metrics import Gaussian, extract, fid_with_spread, paired_psnr
 
 logger = logging.getLogger(__name__)
@@ -36,35 +37,6 @@ __all__ = [
     "run_summary",
     "write_results",
 ]
-
-
-@dataclass
-class EvalArgs:
-    """One evaluation run.
-
-    Args:
-        per_class: images per class.
-        steps: solver steps of the evaluated sampler.
-        solver: "ddim" or "dpmpp_2m" (default: the model's scheduler).
-        guidance: classifier-free guidance scale (None: the model's default).
-        seed: seed of image 0; image i uses seed + i.
-        weights: feedback weights file to apply, or None for the plain sampler.
-        loop_steps: override of the weights' looped steps.
-        ref_steps: steps of the plain reference sampler for paired PSNR (0: skip PSNR).
-        subsets: disjoint subsets for the FID spread.
-        batch_size: images per forward batch.
-    """
-
-    per_class: int = 100
-    steps: int = 20
-    solver: str | None = None
-    guidance: float | None = None
-    seed: int = 0
-    weights: str | None = None
-    loop_steps: str | None = None
-    ref_steps: int = 0
-    subsets: int = 5
-    batch_size: int = 250
 
 
 def _to01(images_u8: torch.Tensor) -> torch.Tensor:
