@@ -226,3 +226,25 @@ def test_bench_grid_has_a_row_per_prompt(t2i_dir, tmp_path, capsys):
                  "--out", str(tmp_path / "b")]) == 0  # fmt: skip
     with Image.open(tmp_path / "a_grid.png") as a, Image.open(tmp_path / "b_grid.png") as b:
         assert a.mode == "RGB" and b.size[1] > a.size[1]  # three rows of prompts against two
+
+
+@pytest.mark.parametrize("pipeline", ["PixArtAlphaPipeline", "PixArtSigmaPipeline"])
+def test_stock_pixart_pipelines_take_the_encoder(t2i_dir, pipeline):
+    """Both stock PixArt pipelines, built around the model's transformer and the offline MiniLM
+    encoder, give the images of `ilf_runtime.sample` for the same prompts and noise."""
+    import diffusers
+
+    from ilf_runtime import load_model, sample
+    from ilf_runtime.pixel_decoder import PixelDecoder
+
+    m = load_model(t2i_dir)
+    pipe = getattr(diffusers, pipeline)(
+        tokenizer=m.pipeline.tokenizer, text_encoder=m.pipeline.text_encoder, vae=PixelDecoder(),
+        transformer=m.transformer, scheduler=m.scheduler,
+    )  # fmt: skip
+    prompts, seeds = ["a red sneaker", "trainer, crimson"], [5, 6]
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    stock = pipe(prompts, num_inference_steps=3, guidance_scale=3.0, generator=gens, output_type="pt",
+                 use_resolution_binning=False, max_sequence_length=16, clean_caption=False).images  # fmt: skip
+    ours = sample(m, prompts=prompts, num_steps=3, seeds=seeds, guidance_scale=3.0).images
+    torch.testing.assert_close(stock, ours, rtol=0, atol=1e-5)
