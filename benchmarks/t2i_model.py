@@ -2,6 +2,11 @@
 
     python benchmarks/t2i_model.py progress runs/fashion-t2i/model-step9000 [--per-prompt 20]
     python benchmarks/t2i_model.py sweep MODEL [--scales 1.5,2,3,4.5,6] [--per-prompt 20] [--write-defaults]
+    python benchmarks/t2i_model.py prompts benchmarks/fashion_t2i_prompts.txt
+
+`prompts` writes the benchmark's prompts: every (class, colour) pair once, in a phrasing no training
+caption uses (``HELD_OUT_TEMPLATE``), so that every prompt is new to the model and to the feedback
+weights (the 6 pairs of `HELD_OUT` are new as pairs, too).
 
 `progress` measures one exported checkpoint (`scripts/train_t2i.py --resume --export-only`) at 20
 steps and a fixed guidance, and appends a row to benchmarks/results/fashion_t2i_training.md with the
@@ -105,6 +110,24 @@ def sweep(a: argparse.Namespace) -> int:
     return 0
 
 
+HELD_OUT_TEMPLATE = "a picture of a {colour} {garment}"
+
+
+def prompts(a: argparse.Namespace) -> int:
+    from ilf_runtime.fashion.captions import CLASS_WORDS, COLOURS, TEMPLATES, fix_articles, parse
+
+    assert HELD_OUT_TEMPLATE not in TEMPLATES
+    lines = [
+        fix_articles(HELD_OUT_TEMPLATE.format(colour=k.name, garment=CLASS_WORDS[c][0]))
+        for c in range(len(CLASS_WORDS))
+        for k in COLOURS
+    ]
+    assert all(parse(t) is not None for t in lines)
+    Path(a.out).write_text("\n".join(lines) + "\n")
+    print(f"wrote {len(lines)} prompts to {a.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -117,8 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--scales", default="1.5,2.0,3.0,4.5,6.0")
     s.add_argument("--per-prompt", type=int, default=20)
     s.add_argument("--write-defaults", action="store_true")
+    q = sub.add_parser("prompts")
+    q.add_argument("out")
     a = ap.parse_args(argv)
-    return progress(a) if a.cmd == "progress" else sweep(a)
+    return {"progress": progress, "sweep": sweep, "prompts": prompts}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -340,7 +340,13 @@ def cmd_sample(args: SampleArgs) -> int:
         cuda_graph=args.cuda_graph,
         **kw,
     )
-    labels = [str(x) for x in nrow_labels] if isinstance(nrow_labels[0], str) else None
+    by_prompt = isinstance(nrow_labels[0], str)
+    if by_prompt:
+        labels = [str(x) for x in nrow_labels]
+    elif adapter.class_conditional:
+        labels = [f"class {c}" for c in nrow_labels]
+    else:
+        labels = [f"embedding {i}" for i in nrow_labels]
     path = save_grid(out.images, args.out, nrow=n, row_labels=labels)
     info = out.info
     count = len(out.seeds)
@@ -352,7 +358,7 @@ def cmd_sample(args: SampleArgs) -> int:
             "guidance": str(info["guidance_scale"]),
             "weights": str(args.weights or "none"),
         }
-        key = "label" if labels is None else "prompt"
+        key = "prompt" if by_prompt else "label"
         texts = [
             common | {"seed": str(s), key: str(lab)} for s, lab in zip(out.seeds, out.labels, strict=True)
         ]

@@ -452,7 +452,7 @@ def side_by_side(
         k = m.adapter.num_classes(m.transformer)
         classes = list(range(min(k, 10))) if classes is None else list(classes)
         items = {"class_labels": torch.tensor(classes)}
-        rows = [str(c) for c in classes]
+        rows = [f"class {c}" for c in classes]
     else:
         if not prompts:
             raise ValueError(
@@ -493,7 +493,7 @@ def side_by_side(
         t = p.pop("times")
         p |= {"seconds": statistics.median(t), "seconds_min": min(t), "seconds_max": max(t), "passes": len(t)}
         p["speedup"] = shown[0]["seconds"] / p["seconds"]
-    save_side_by_side(shown, out, per_class, row_labels=None if m.adapter.class_conditional else rows)
+    save_side_by_side(shown, out, per_class, row_labels=rows)
     return {
         "out": str(out),
         "panels": [{k: v for k, v in p.items() if k != "images"} for p in shown],
