@@ -152,3 +152,21 @@ def test_non_finite_loss_before_any_checkpoint_says_so(dit_dir, tmp_path, monkey
         main(_args(dit_dir, tmp_path / "run"))
     assert "step 0) is kept" not in str(e.value)
     assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
+
+
+def test_stale_bank_cache_tmp_files_are_cleaned_fresh_ones_kept(dit_dir, tmp_path):
+    """A kill during a bank write leaves bank-*.tmp in the shared cache: the next run removes the stale
+    ones, and leaves alone a fresh one that another run may still be writing."""
+    import os
+    import time
+
+    cache = tmp_path / "banks"
+    cache.mkdir()
+    stale, fresh = cache / "bank-0123.safetensorsab12.tmp", cache / "bank-4567.safetensorscd34.tmp"
+    for f in (stale, fresh):
+        f.write_bytes(b"half a bank")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    main(_args(dit_dir, tmp_path / "run", bank_cache=str(cache)))
+    assert not stale.exists() and fresh.exists()
+    assert len(list(cache.glob("bank-*.safetensors"))) == 1  # this run's bank, written whole

@@ -56,6 +56,9 @@ def lr_at(step: int, a: TrainArgs) -> float:
     return a.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
+STALE_TMP_SECONDS = 600  # a bank cache's *.tmp untouched this long was left by an interrupted write
+
+
 class Trainer:
     """One run: the looped model with its optimiser and EMA, the distiller and the validator, the
     step counter and the run directory (resumed from its checkpoint with ``a.resume``)."""
@@ -97,6 +100,11 @@ class Trainer:
             out.mkdir(parents=True, exist_ok=True)
             for tmp in out.glob("*.safetensors*.tmp"):  # left by a write that a kill interrupted
                 tmp.unlink(missing_ok=True)
+            if a.bank_cache:  # a shared cache: only what no write can still be busy with
+                stale = time.time() - STALE_TMP_SECONDS
+                for tmp in Path(a.bank_cache).glob("bank-*.safetensors*.tmp"):
+                    if tmp.stat().st_mtime < stale:
+                        tmp.unlink(missing_ok=True)
         barrier(info)
         if a.resume:
             self.step, self.seconds = load_checkpoint(self.ckpt, self.loop, self.ema, self.opt, a)
