@@ -45,5 +45,10 @@ def test_wheel_contents(tmp_path):
     ]
     assert not bad
     assert "ilf_runtime/assets/fashion-dit/config.json" in names
+    if (ROOT / "ilf_runtime/assets/fashion-t2i").is_dir():  # its prompt files travel with it
+        assert {
+            "ilf_runtime/assets/fashion-t2i/train_prompts.txt",
+            "ilf_runtime/assets/fashion-t2i/val_prompts.txt",
+        } <= set(names)
     meta = zipfile.ZipFile(whl).read(next(n for n in names if n.endswith("METADATA"))).decode()
     assert "Description-Content-Type: text/markdown" in meta and "# ilf-runtime" in meta
