@@ -193,7 +193,7 @@ def test_bench_prompt_accuracy_columns(t2i_dir, tmp_path, capsys):
             "--grid-per-class", "0", "--prompts-file", str(prompts), "--out", str(stem), "--no-progress"]  # fmt: skip
     assert main(args) == 0
     md = stem.with_suffix(".md").read_text()
-    assert "colour acc | full-prompt acc ± SE" in md
+    assert "colour acc | full-prompt acc ± SE" in md and "garments' intensity" in md
     with open(stem.with_suffix(".csv")) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and all(0 <= float(r["prompt_accuracy"]) <= 1 for r in rows)
