@@ -94,8 +94,11 @@ def sweep(a: argparse.Namespace) -> int:
     ]
     best = min(close, key=lambda r: r["fid"]["fid"])
     g = best["args"]["guidance"]
+    c = rows[0]["context"]
     (RESULTS / "fashion_t2i_sweep.md").write_text(
         f"# Guidance sweep of {a.model}: 20 steps, {a.per_prompt} images per prompt, seeds from 10,000,000\n\n"
+        f"{c['dtype']}, {c['threads']} threads, torch {c['torch']}, diffusers {c['diffusers']}. Quality "
+        "figures; images/s is the sampling rate of the run, not a benchmark (no warm-up, no repeats).\n\n"
         f"{PROMPT_MARKDOWN_HEADER}\n"
         + "\n".join(prompt_markdown_row(r) for r in rows)
         + f"\n\nChosen: guidance {g} (highest full-prompt accuracy; within one SE of it, the lowest FID).\n"

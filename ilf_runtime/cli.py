@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ilf_runtime.choices import DTYPES, SOLVER_NAMES
+from ilf_runtime.choices import DTYPES, SOLVER_NAMES, guidance_ok
 from ilf_runtime.cliargs import add_dataclass_arguments, from_namespace
 from ilf_runtime.fashion.eval_args import EvalArgs
 
@@ -257,25 +257,13 @@ def check_writable(path: str | None, flag: str, *, directory: bool = False) -> N
         )
 
 
-def load_model_checked(source: str, **kw: Any) -> Any:
-    """`registry.load_model`, its one-line errors on a broken model folder as `UsageError`."""
-    from ilf_runtime.registry import load_model
-
-    try:
-        return load_model(source, **kw)
-    except FileNotFoundError:
-        raise
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-
-
 def cmd_sample(args: SampleArgs) -> int:
     import torch
 
     from ilf_runtime.fused import apply_fused_blocks
     from ilf_runtime.images import save_grid, save_images
     from ilf_runtime.pipelines import sample
-    from ilf_runtime.registry import MODEL_NAMES
+    from ilf_runtime.registry import MODEL_NAMES, load_model
 
     check_writable(args.out, "--out")
     _check_guidance(args.guidance)
@@ -283,7 +271,7 @@ def cmd_sample(args: SampleArgs) -> int:
     dtype = getattr(torch, DTYPES[args.dtype])
     if args.cuda_graph and torch.device(args.device).type != "cuda":
         raise UsageError(f"--cuda-graph needs a CUDA device, got --device {args.device}")
-    model = load_model_checked(args.model, device=args.device, dtype=dtype)
+    model = load_model(args.model, device=args.device, dtype=dtype)
     if args.fused:
         apply_fused_blocks(model)
     if args.model in MODEL_NAMES:
@@ -336,7 +324,7 @@ def cmd_sample(args: SampleArgs) -> int:
         ilf=args.weights,
         loop_steps=args.loop_steps,
         batch_size=args.batch_size,
-        progress=args.progress and sys.stderr.isatty(),
+        progress=_show_progress(args),
         cuda_graph=args.cuda_graph,
         **kw,
     )
@@ -363,17 +351,15 @@ def cmd_sample(args: SampleArgs) -> int:
             common | {"seed": str(s), key: str(lab)} for s, lab in zip(out.seeds, out.labels, strict=True)
         ]
         written = save_images(out.images, args.out_dir, texts)
-        print(
-            f"wrote {len(written)} PNG{'' if len(written) == 1 else 's'} with their settings to {args.out_dir}"
-        )
+        print(f"wrote {_plural(len(written), 'PNG')} with their settings to {args.out_dir}")
     ilf_desc = (
         "off"
         if info["ilf"] is None
         else f"{args.weights} (looped steps {sum(info['loop_mask'])}/{args.steps})"
     )
     print(
-        f"wrote {path}: {count} image{'' if count == 1 else 's'}, {len(nrow_labels)} row"
-        f"{'' if len(nrow_labels) == 1 else 's'} x {n} ({adapter.name}, {info['solver']}, "
+        f"wrote {path}: {_plural(count, 'image')}, {_plural(len(nrow_labels), 'row')} x {n} "
+        f"({adapter.name}, {info['solver']}, "
         f"{args.steps} steps, guidance {info['guidance_scale']}, ILF {ilf_desc})"
     )
     print(
@@ -457,16 +443,17 @@ def cmd_models(args: ModelsArgs) -> int:
 def cmd_eval(args: EvalCommand) -> int:
     from ilf_runtime.fashion.evaluate import evaluate, markdown_row, write_results
     from ilf_runtime.fused import apply_fused_blocks
+    from ilf_runtime.registry import load_model
 
     check_writable(args.out + ".json", "--out")
     _weights_defaults(args)
     a = EvalArgs(**{f.name: getattr(args, f.name) for f in fields(EvalArgs)})
-    model = load_model_checked(args.model)
+    model = load_model(args.model)
     if args.fused:
         apply_fused_blocks(model)
     if not model.adapter.class_conditional:
         return _eval_prompts(model, a, args)
-    result = evaluate(model, a, progress=args.progress and sys.stderr.isatty())
+    result = evaluate(model, a, progress=_show_progress(args))
     write_results([result], args.out)
     f = result["fid"]
     print(
@@ -491,7 +478,7 @@ def _eval_prompts(model: Any, a: EvalArgs, args: EvalCommand) -> int:
         prompt_markdown_row,
     )
 
-    r = evaluate_prompts(model, a, progress=args.progress and sys.stderr.isatty())
+    r = evaluate_prompts(model, a, progress=_show_progress(args))
     write_results([r], args.out, prompt_markdown_row, PROMPT_MARKDOWN_HEADER)
     acc = r["accuracy"]
     line = ", ".join(
@@ -515,12 +502,13 @@ def _eval_prompts(model: Any, a: EvalArgs, args: EvalCommand) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from ilf_runtime.registry import load_model
     from ilf_runtime.train import args_from_namespace, main
 
     a = args_from_namespace(args)
     check_writable(a.out, "--out", directory=True)
     check_writable(a.bank_cache, "--bank-cache", directory=True)
-    result = main(a, load_model_checked(a.model))
+    result = main(a, load_model(a.model))
     if "weights" in result:
         v = result.get("validation") or {}
         print(f"wrote {result['weights']} after {result['step']} steps ({result['seconds']:.0f} s)")
@@ -544,8 +532,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return main_from_args(args)
 
 
+def _show_progress(args: Any) -> bool:
+    """Progress bars only where someone watches: asked for, and stderr is a terminal."""
+    return args.progress and sys.stderr.isatty()
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def _check_guidance(g: float | None) -> None:
-    if g is not None and not (g >= 0 and g != float("inf")):  # NaN fails g >= 0
+    if g is not None and not guidance_ok(g):
         raise UsageError(f"--guidance {g}: expected a finite number >= 0 (<= 1: unguided)")
 
 

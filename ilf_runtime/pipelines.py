@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 import time
 from collections.abc import Callable, Sequence
@@ -13,9 +12,10 @@ from typing import Any
 
 import torch
 
+from ilf_runtime.choices import guidance_ok
 from ilf_runtime.config import ILFConfig
 from ilf_runtime.ilf import apply_ilf, get_ilf, remove_ilf
-from ilf_runtime.registry import MODEL_NAMES, Model, resolve_weights, to_model
+from ilf_runtime.registry import Model, to_model, weights_beside
 from ilf_runtime.sampling import denoise, make_noise
 
 __all__ = ["SampleOutput", "decode", "sample"]
@@ -56,9 +56,10 @@ def _check_args(num_steps: Any, guidance_scale: Any, class_labels: Any, batch_si
         raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
     if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    g = guidance_scale
-    if isinstance(g, bool) or not isinstance(g, numbers.Real) or not math.isfinite(g) or g < 0:
-        raise ValueError(f"guidance_scale must be a finite number >= 0 (<= 1: unguided), got {g!r}")
+    if not guidance_ok(guidance_scale):
+        raise ValueError(
+            f"guidance_scale must be a finite number >= 0 (<= 1: unguided), got {guidance_scale!r}"
+        )
     if isinstance(class_labels, torch.Tensor):
         if class_labels.is_floating_point() or class_labels.is_complex() or class_labels.dtype == torch.bool:
             raise ValueError(f"class_labels must be integer class ids, got a {class_labels.dtype} tensor")
@@ -155,11 +156,7 @@ def sample(
     if ilf is not None:
         if get_ilf(m.transformer) is not None:
             raise RuntimeError("the model already carries an ILF loop; pass ilf=None or remove it first")
-        if isinstance(ilf, str) and ilf.startswith("shipped"):  # the files beside the model
-            ilf = resolve_weights(
-                ilf, m.name if m.name in MODEL_NAMES else m.transformer.config._name_or_path
-            )
-        attached = apply_ilf(m.transformer, ilf)
+        attached = apply_ilf(m.transformer, weights_beside(ilf, m.transformer, m.name))
     loop = get_ilf(m.transformer)
     try:
         slv = make_solver(m.scheduler, num_steps, solver=solver, device=m.device)

@@ -36,6 +36,7 @@ __all__ = [
     "scheduler_from_config",
     "shipped_weights",
     "to_model",
+    "weights_beside",
 ]
 
 
@@ -99,6 +100,19 @@ def resolve_weights(spec: str | PathLike | None, model: str | PathLike) -> str |
             + (", ".join(f"shipped:{k}" for k in have) if have else "no feedback weights")
         )
     return str(have[name])
+
+
+def weights_beside(spec: Any, transformer: nn.Module, name: str = "") -> Any:
+    """`spec` with ``shipped`` / ``shipped:NAME`` resolved to the file beside a loaded model (a
+    built-in's by `name`, else the transformer's own folder); any other spec unchanged."""
+    if not (isinstance(spec, str) and spec.startswith("shipped")):
+        return spec
+    where = name if name in MODEL_NAMES else getattr(transformer.config, "_name_or_path", "")
+    if not where:
+        raise FileNotFoundError(
+            f"weights {spec!r}: this model was not loaded from a folder; pass a weights file"
+        )
+    return resolve_weights(spec, where)
 
 
 def _tiny_random_dit() -> nn.Module:
@@ -213,18 +227,17 @@ def load_model(
     a non-transformer pipeline, missing or truncated weights, weights that do not match its
     ``config.json``, e.g. an edited ``num_layers``) raises a one-line `ValueError` naming it."""
     name = str(source)
+    where = MODEL_NAMES[name][0] if name in MODEL_NAMES else Path(source)  # a folder, or a builder
     try:
         model = _load(source, device=device, dtype=dtype)
     except FileNotFoundError:
         raise
     except (OSError, TypeError, AttributeError, KeyError, ValueError) as e:
-        where = MODEL_NAMES[name][0] if name in MODEL_NAMES else Path(source)
         detail = _bad_json(Path(where)) if not callable(where) else None
         if detail is None and isinstance(e, ValueError) and not isinstance(e, json.JSONDecodeError):
             raise ValueError(f"model {name!r}: {e}") from None  # this runtime's (an unsupported checkpoint)
         detail = detail or f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
         raise ValueError(f"model {name!r}: not a loadable DiT / PixArt model folder ({detail})") from None
-    where = MODEL_NAMES[name][0] if name in MODEL_NAMES else source
     if not callable(where) and Path(where).is_dir():
         _check_backbone_keys(name, Path(where), model.transformer)
     return model

@@ -90,7 +90,7 @@ def enable(pipe: Any, weights: str | PathLike = "shipped") -> FeedbackLoop:
     files beside the transformer's folder, `registry.shipped_weights`). Sets ``pipe.scheduler`` to the
     weights' solver; returns the attached `FeedbackLoop`. Call with
     ``num_inference_steps=loop.config``'s trained step count (printed in the log, and in any mismatch error)."""
-    from ilf_runtime.registry import resolve_weights
+    from ilf_runtime.registry import weights_beside
 
     transformer, _ = resolve(pipe)
     if transformer is pipe or not hasattr(pipe, "scheduler"):
@@ -101,10 +101,7 @@ def enable(pipe: Any, weights: str | PathLike = "shipped") -> FeedbackLoop:
         raise RuntimeError(
             "ILF is already applied to this pipeline's transformer; call ilf_runtime.disable(pipe) first"
         )
-    if str(weights).startswith("shipped"):
-        where = getattr(transformer.config, "_name_or_path", "") or ""
-        weights = resolve_weights(weights, where)
-    w = load_ilf_weights(weights)
+    w = load_ilf_weights(weights_beside(str(weights), transformer))
     s = w.sampler
     n = int(s.get("num_steps", 10))
     solver = s.get("solver")

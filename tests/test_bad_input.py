@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ddim_scheduler, prompt_inputs, tiny_dit, tiny_pixart
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from fixtures.files import edited_copy
 
 from ilf_runtime import ILFConfig, apply_ilf, load_ilf_weights, sample, save_ilf_weights
 from ilf_runtime.cli import main as cli
@@ -36,24 +35,19 @@ def _weights(tmp_path: Path, name: str = "fb.safetensors") -> Path:
 def _rewrite(src: Path, dst: Path, edit_meta=None, edit_tensors=None, rehash_meta: bool = True) -> Path:
     """A variant of a weights file; the tensor checksum (and unless told otherwise the metadata
     checksum) recomputed, so that the check under test is the one that fires."""
-    tensors = load_file(str(src))
-    with safe_open(str(src), framework="pt") as f:
-        raw = dict(f.metadata())
-    if edit_meta:
-        edit_meta(raw)
-    if edit_tensors:
-        edit_tensors(tensors)
-    raw["content_sha256"] = content_hash(tensors)
-    if rehash_meta:
-        decoded = dict(raw)
-        for k in JSON_FIELDS:
-            try:
-                decoded[k] = json.loads(raw[k])
-            except (KeyError, ValueError):
-                pass
-        raw["metadata_sha256"] = metadata_hash(decoded)
-    save_file(tensors, str(dst), metadata=raw)
-    return dst
+
+    def rehash(tensors, raw):
+        raw["content_sha256"] = content_hash(tensors)
+        if rehash_meta:
+            decoded = dict(raw)
+            for k in JSON_FIELDS:
+                try:
+                    decoded[k] = json.loads(raw[k])
+                except (KeyError, ValueError):
+                    pass
+            raw["metadata_sha256"] = metadata_hash(decoded)
+
+    return edited_copy(src, dst, edit_meta, edit_tensors, rehash)
 
 
 def _edit_json(field: str, **changes):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_dit
+from fixtures.files import edited_copy
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -49,16 +50,11 @@ def _load(a: TrainArgs, path: Path):
 
 def _variant(src: Path, dst: Path, edit_meta=None, edit_tensors=None) -> Path:
     """A checkpoint edited and re-checksummed, so that the check under test is the one that fires."""
-    tensors = load_file(str(src))
-    with safe_open(str(src), framework="pt") as f:
-        meta = dict(f.metadata())
-    if edit_meta:
-        edit_meta(meta)
-    if edit_tensors:
-        edit_tensors(tensors)
-    meta["sha256"] = checkpoint_hash(tensors, meta)
-    save_file(tensors, str(dst), metadata=meta)
-    return dst
+
+    def rehash(tensors, meta):
+        meta["sha256"] = checkpoint_hash(tensors, meta)
+
+    return edited_copy(src, dst, edit_meta, edit_tensors, rehash)
 
 
 def test_flipped_byte_in_a_checkpoint_is_refused(run, tmp_path):

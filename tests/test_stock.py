@@ -162,3 +162,13 @@ def test_fashion_dit_stock_call_with_shipped_weights():
     disable(pipe)
     ours = sample(m, class_labels=labels, num_steps=10, seeds=seeds, ilf="shipped").images
     torch.testing.assert_close(torch.as_tensor(stock), ours, rtol=0, atol=1e-6)
+
+
+def test_shipped_needs_a_model_loaded_from_a_folder():
+    from diffusers import DiTPipeline
+
+    from ilf_runtime.pixel_decoder import PixelDecoder
+
+    pipe = DiTPipeline(transformer=tiny_dit(), vae=PixelDecoder(), scheduler=ddim_scheduler())
+    with pytest.raises(FileNotFoundError, match="not loaded from a folder; pass a weights file"):
+        enable(pipe, "shipped")

@@ -98,9 +98,9 @@ def main_from_args(args: argparse.Namespace) -> int:
 
 
 def _grid(a: BenchArgs, weights: str, per_class: int) -> Path:
-    model = load_bench_model(a)
     import torch
 
+    model = load_bench_model(a)
     threads, _ = timing_threads(a.time_threads)
     torch.set_num_threads(threads)
     r = side_by_side(

@@ -120,9 +120,10 @@ def provenance() -> dict[str, Any]:
 
 
 def context(
-    model: Any, a: Any, info: Any, n: int, time_batch: int, no_fid: str | None, started: dict[str, Any]
+    model: Any, a: Any, info: Any, n: int, time_batch: int, fid: str, started: dict[str, Any]
 ) -> dict[str, Any]:
-    """Everything a row's numbers depend on besides the row itself (`started`: `provenance()`)."""
+    """Everything a row's numbers depend on besides the row itself (`fid`: what the FID column
+    measures, or why it is empty; `started`: `provenance()`)."""
     import diffusers
 
     dev = model.device
@@ -143,8 +144,7 @@ def context(
         "timing": f"rank 0 alone; warm-up pass, then median of {a.repeats} interleaved passes (order rotated)",
         "time_threads": torch.get_num_threads(),
         "peak_memory": "CUDA max allocated" if dev.type == "cuda" else "process RSS (polled every 2 ms)",
-        "fid": no_fid
-        or "shipped Fashion-MNIST classifier features vs the test split; floor: train split, same n",
+        "fid": fid,
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
         "python": platform.python_version(),
@@ -451,6 +451,14 @@ def write_all(result: dict[str, Any], stem: str | Path) -> list[Path]:
     pareto = stem.parent / f"{stem.name}_pareto.png"
     paths.append(pareto_plot(tab, c, result["summary"], pareto, COST_TOLERANCE))
     return paths
+
+
+# what the FID column measures: class-conditional rows (`run.quality`), text-to-image rows (`run.prompt_quality`)
+FID_CLASSES = "shipped Fashion-MNIST classifier features vs the test split; floor: train split, same n"
+FID_PROMPTS = (
+    "shipped Fashion-MNIST classifier features of the garments' intensity (max over RGB) vs the test split; "
+    "floor: train split, same n"
+)
 
 
 def print_side_by_side(r: dict[str, Any]) -> None:

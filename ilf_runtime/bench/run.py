@@ -224,7 +224,7 @@ def time_rows(
             bar.update()
         logger.info("timing pass %d/%d done", r + 1, repeats)
     bar.close()
-    out = [
+    return [
         {
             "time_per_image_s": statistics.median(t),
             "time_min_s": min(t),
@@ -233,7 +233,6 @@ def time_rows(
         }
         for t, m in zip(times, mem)
     ]
-    return out
 
 
 # -- conditioning, quality ---------------------------------------------------------------------------
@@ -397,12 +396,8 @@ def run_bench(a: BenchArgs) -> dict[str, Any] | None:
     busy = watch.note()
     if busy:
         logger.warning("%s", busy)
-    ctx = report.context(model, a, info, n, len(tidx), no_fid, started)
-    if no_prompt_metric is None:  # text-to-image demo rows (`prompt_quality`)
-        ctx["fid"] = (
-            "shipped Fashion-MNIST classifier features of the garments' intensity (max over RGB) vs the "
-            "test split; floor: train split, same n"
-        )
+    fid = report.FID_PROMPTS if no_prompt_metric is None else no_fid or report.FID_CLASSES
+    ctx = report.context(model, a, info, n, len(tidx), fid, started)
     return {
         "context": ctx
         | {

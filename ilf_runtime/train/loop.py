@@ -103,8 +103,11 @@ class Trainer:
             if a.bank_cache:  # a shared cache: only what no write can still be busy with
                 stale = time.time() - STALE_TMP_SECONDS
                 for tmp in Path(a.bank_cache).glob("bank-*.safetensors*.tmp"):
-                    if tmp.stat().st_mtime < stale:
-                        tmp.unlink(missing_ok=True)
+                    try:
+                        if tmp.stat().st_mtime < stale:
+                            tmp.unlink()
+                    except FileNotFoundError:  # renamed into place (or removed) meanwhile
+                        pass
         barrier(info)
         if a.resume:
             self.step, self.seconds = load_checkpoint(self.ckpt, self.loop, self.ema, self.opt, a)
