@@ -19,6 +19,7 @@ from typing import Any
 from ilf_runtime.choices import DTYPES, SOLVER_NAMES, guidance_ok
 from ilf_runtime.cliargs import add_dataclass_arguments, from_namespace
 from ilf_runtime.fashion.eval_args import EvalArgs
+from ilf_runtime.tune.space import TuneArgs
 
 __all__ = ["COMMANDS", "EvalCommand", "InfoArgs", "SampleArgs", "build_parser", "main"]
 
@@ -162,6 +163,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         ("eval", EvalCommand, "sample N images per class and measure FID, class accuracy, paired PSNR"),
         ("info", InfoArgs, "print a feedback weights file's metadata"),
         ("models", ModelsArgs, "list the built-in models and the feedback weights shipped with each"),
+        ("tune", TuneArgs, "search the ILF schedule that fits a cost budget (successive halving)"),
     ):
         add_dataclass_arguments(
             sub.add_parser(name, help=short, description=cls.__doc__.splitlines()[0].replace("`", "")), cls
@@ -523,6 +525,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(a: TuneArgs) -> int:
+    from ilf_runtime.registry import load_model
+    from ilf_runtime.tune import describe, main
+
+    _check_guidance(a.guidance)
+    check_writable(a.out, "--out", directory=True)
+    result = main(a, load_model(a.model))
+    print("\n".join(describe(result)))
+    return 130 if result.get("stopped") == "signal" else 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from ilf_runtime.bench import main_from_args
 
@@ -554,6 +567,7 @@ COMMANDS = {
     "models": (cmd_models, ModelsArgs),
     "train": (cmd_train, None),
     "bench": (cmd_bench, None),
+    "tune": (cmd_tune, TuneArgs),
 }
 
 

@@ -18,7 +18,7 @@ from conftest import tiny_dit
 from ilf_runtime import ILFConfig, apply_ilf, save_ilf_weights
 from ilf_runtime.bench import DEFAULT_SHIPPED, BenchArgs, Row, default_rows, weights_files
 from ilf_runtime.bench.plots import frontier
-from ilf_runtime.bench.report import summarize
+from ilf_runtime.bench.report import summarize, summarize_evals
 from ilf_runtime.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -412,3 +412,27 @@ def test_fused_model_and_fused_rows_end_to_end(tiny_setup, tmp_path, capsys):
     specs = json.loads((tmp_path / "fr.json").read_text())["row_specs"]
     assert [s.get("fused", False) for s in specs] == [False, True] * 3
     assert "fused" not in specs[0]  # a row without it is recorded as before the field existed
+
+
+def test_equal_evaluations_summary_compares_rows_at_most_as_dear():
+    res = _fake([
+        ("plain", "ref", 2.0, [100.0] * 4, 4.0, 0.3),
+        ("ilf", "w", 1.0, [31.0, 32.0, 33.0, 34.0], 4.5, 0.3),
+        ("plain", "a", 0.5, [30.0, 31.0, 32.0, 33.0], 4.4, 0.3),  # fewer evaluations, 1 dB behind
+        ("taylorseer", "b", 3.0, [31.5, 32.5, 33.5, 34.5], 4.4, 0.3),  # slow on this CPU, few evaluations
+        ("plain", "c", 1.0, [40.0] * 4, 4.0, 0.3),  # better, but dearer in evaluations
+    ])  # fmt: skip
+    for k, evals in enumerate([240, 144, 132, 132, 192]):
+        res["results"][k]["block_evals_per_image"] = float(evals)
+    (line,) = summarize_evals(res)
+    # the time-based summary never sees TaylorSeer (3x slower here); counted in evaluations it is the rival
+    assert "taylorseer b ddim 10 steps (132)" in line and "margin -0.50 ± 0.00 dB" in line
+    assert "the other row is ahead by more than 3 SE" in line and "plain c" not in line
+    res["results"][3]["per_image_psnr"] = torch.tensor([30.0, 31.0, 32.5, 33.5], dtype=torch.float64)
+    res["results"][3]["psnr"] = 31.75
+    assert "margin +0.75 ± 0.14 dB (paired SE): ILF ahead by more than 3 SE" in summarize_evals(res)[0]
+    res["results"][3]["per_image_psnr"] = torch.tensor([30.0, 31.0, 33.0, 34.5], dtype=torch.float64)
+    res["results"][3]["psnr"] = 32.125
+    assert "margin +0.38 ± 0.38 dB (paired SE): within 3 SE" in summarize_evals(res)[0]
+    res["results"][2]["block_evals_per_image"] = res["results"][3]["block_evals_per_image"] = 150.0
+    assert "no other row against plain ddim 20 spends as few" in summarize_evals(res)[0]

@@ -33,6 +33,7 @@ __all__ = [
     "print_side_by_side",
     "provenance",
     "summarize",
+    "summarize_evals",
     "table",
     "write_all",
 ]
@@ -312,6 +313,42 @@ def summarize(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def summarize_evals(result: dict[str, Any]) -> list[str]:
+    """Per ILF row (and ILF + cache row): the best other row that spends at most as many block
+    evaluations per image (the cost on an accelerator, where time follows the evaluations), PSNR
+    against the same reference images, and the paired margin."""
+    tab, res = table(result), result["results"]
+    lines = []
+    for i, r in enumerate(tab):
+        if not r["method"].startswith("ilf"):
+            continue
+        evals = r["block_evals_per_image"]
+        line = f"{_name(r)}: {evals:.0f} block evaluations per image"
+        rivals = [
+            j
+            for j, q in enumerate(tab)
+            if not q["method"].startswith("ilf") and q["ref"] != "self" and q["ref"] == r["ref"]
+            and q["block_evals_per_image"] <= evals + 1e-9
+        ]  # fmt: skip
+        if not rivals:
+            lines.append(line + f"; no other row against {r['ref']} spends as few.")
+            continue
+        j = max(rivals, key=lambda k: tab[k]["psnr"])
+        q = tab[j]
+        margin, se = _paired(res[i]["per_image_psnr"], res[j]["per_image_psnr"])
+        if margin > 3 * se:
+            verdict = "ILF ahead by more than 3 SE"
+        elif margin < -3 * se:
+            verdict = "the other row is ahead by more than 3 SE"
+        else:
+            verdict = "within 3 SE"
+        lines.append(
+            line + f"; best row at most as dear: {_name(q)} ({q['block_evals_per_image']:.0f}): PSNR "
+            f"{r['psnr']:.2f} vs {q['psnr']:.2f} dB, margin {margin:+.2f} ± {se:.2f} dB (paired SE): {verdict}."
+        )
+    return lines
+
+
 def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
@@ -391,6 +428,7 @@ def write_all(result: dict[str, Any], stem: str | Path) -> list[Path]:
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     result["summary"] = summarize(result)
+    result["summary_evals"] = summarize_evals(result)
     tab = table(result)
     paths = [stem.with_suffix(".csv"), stem.with_suffix(".json"), stem.with_suffix(".md")]
     c = result["context"]
@@ -402,7 +440,13 @@ def write_all(result: dict[str, Any], stem: str | Path) -> list[Path]:
     specs = [r.spec() for r in result["rows"]]
     paths[1].write_text(
         json.dumps(
-            {"context": result["context"], "rows": tab, "row_specs": specs, "summary": result["summary"]},
+            {
+                "context": result["context"],
+                "rows": tab,
+                "row_specs": specs,
+                "summary": result["summary"],
+                "summary_evals": result["summary_evals"],
+            },
             indent=1,
             default=str,
         )
@@ -439,6 +483,15 @@ def write_all(result: dict[str, Any], stem: str | Path) -> list[Path]:
         "## Equal-cost summary",
         "",
         *[f"- {s}" for s in result["summary"]],
+        "",
+        "## Equal-evaluations summary",
+        "",
+        (
+            "Against every other row that spends at most as many block evaluations per image (on a GPU the "
+            "evaluations, not this CPU's Python overheads, set the time):"
+        ),
+        "",
+        *[f"- {s}" for s in result["summary_evals"]],
         "",
         (
             "Notes: block evaluations are counted as they run (attention and MLP of each block an equal share; "

@@ -57,6 +57,7 @@ class TrainArgs:
         ckpt_every: steps between checkpoints.
         val_every: steps between validation passes (0: only at the end).
         val_samples: images of the fixed validation set (paired PSNR against the teacher's samples).
+        val_seed: the first seed of the validation set (image j has seed ``val_seed + j``).
         max_minutes: stop with a checkpoint after this much training time (0: no limit).
         resume: continue from ``out/checkpoint.safetensors``.
         overwrite: start afresh in an ``out`` that holds an earlier run, replacing its checkpoint, logs
@@ -96,6 +97,7 @@ class TrainArgs:
     ckpt_every: int = 100
     val_every: int = 0
     val_samples: int = 200
+    val_seed: int = 10_000_000
     max_minutes: float = 0.0
     resume: bool = False
     overwrite: bool = False

@@ -80,6 +80,8 @@ RESUMABLE = {
     "device",
     "out",
     "bank_cache",
+    "val_samples",
+    "val_seed",
 }
 
 

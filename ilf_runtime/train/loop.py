@@ -63,7 +63,7 @@ class Trainer:
     """One run: the looped model with its optimiser and EMA, the distiller and the validator, the
     step counter and the run directory (resumed from its checkpoint with ``a.resume``)."""
 
-    def __init__(self, a: TrainArgs, model: Any, info: DistInfo):
+    def __init__(self, a: TrainArgs, model: Any, info: DistInfo, val_cache: dict | None = None):
         from ilf_runtime.registry import load_model, to_model
 
         self.a, self.info = a, info
@@ -84,7 +84,7 @@ class Trainer:
         self.open_run_dir()
         self.start_step = self.step
         self.d = Distiller(self.model, self.loop, a, info)
-        self.val = Validator(self.model, self.d, a, info)
+        self.val = Validator(self.model, self.d, a, info, cache=val_cache)
 
     def open_run_dir(self) -> None:
         """Creates the run directory, then resumes from its checkpoint (dropping the log rows written
@@ -197,10 +197,12 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4g}", samples_s=f"{rate:.0f}")
 
-    def train(self) -> str | None:
-        """Steps up to ``train_steps``, checkpointing and validating on schedule. Returns why it
-        stopped early (``"signal"``, ``"max_minutes"``), or None."""
+    def train(self, until: int | None = None) -> str | None:
+        """Steps up to ``train_steps`` (or `until`, if that comes first: ``ilf tune`` trains its
+        candidates in slices of one schedule), checkpointing and validating on schedule. Returns why
+        it stopped early (``"signal"``, ``"max_minutes"``), or None."""
         a = self.a
+        end = a.train_steps if until is None else min(until, a.train_steps)
         bar = None
         if a.progress and self.info.is_main:
             from tqdm.auto import tqdm
@@ -209,7 +211,7 @@ class Trainer:
         t_start = time.perf_counter() - self.seconds
         try:
             with StopFlag() as flag:
-                while self.step < a.train_steps:
+                while self.step < end:
                     t0 = time.perf_counter()
                     loss, parts, lr, stop = self.optimizer_step(flag)
                     self.seconds = time.perf_counter() - t_start
@@ -238,9 +240,10 @@ class Trainer:
             raise RuntimeError(f"ranks ended with different feedback weights: {digests}")
         return digests
 
-    def finish(self, result: dict[str, Any]) -> dict[str, Any]:
+    def finish(self, result: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """After the last step: validates the EMA weights, which the loop keeps (they are what gets
-        written), and (rank 0) writes the weights file and ``summary.json``."""
+        written), and (rank 0) writes the weights file and ``summary.json``; `extra` goes into the
+        file's ``training`` metadata (``ilf tune`` puts its search log there)."""
         a = self.a
         r = self.validate(restore=False)
         digests = self.rank_digests()
@@ -253,7 +256,7 @@ class Trainer:
                 "world_size": self.info.world_size,
                 "validation": dict(r or {}),
                 "torch": torch.__version__,
-            }
+            } | dict(extra or {})
             sampler = {
                 "num_steps": a.steps,
                 "solver": self.d.S.name,

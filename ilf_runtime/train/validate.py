@@ -18,12 +18,13 @@ class Validator:
     """Paired PSNR of the student's samples against the teacher's on a fixed seed set, sharded
     over the ranks; the teacher's images and the plain baselines are computed once."""
 
-    def __init__(self, model, d: Distiller, a: TrainArgs, info: DistInfo):
+    def __init__(self, model, d: Distiller, a: TrainArgs, info: DistInfo, cache: dict | None = None):
         self.m, self.d, self.a, self.info = model, d, a, info
+        self.cache = {} if cache is None else cache  # plain samples by their settings, shared by runs
         self.conds = CondSource(model, a, a.val_prompts) if a.val_prompts else d.conds
         n = a.val_samples
         self.idx = torch.arange(n) % self.conds.n
-        self.seeds = [10_000_000 + j for j in range(n)]
+        self.seeds = [a.val_seed + j for j in range(n)]
         self.layers = len(model.transformer.transformer_blocks)
         self.cost = d.loop.config.block_evals(self.layers, a.steps)
         self.equal_steps = math.ceil(self.cost / self.layers)
@@ -31,6 +32,18 @@ class Validator:
         self.plain = {s: self._psnr(self._images(s, "none")) for s in sorted({a.steps, self.equal_steps})}
 
     def _images(self, steps: int, loop_steps: str) -> torch.Tensor | None:
+        if loop_steps != "none":
+            return self._sample(steps, loop_steps)
+        key = (steps, self.d.S.name, self.d.guidance, self.a.val_prompts, self.a.prompts, tuple(self.seeds))
+        if key not in self.cache:
+            self.cache[key] = self._sample(steps, loop_steps)
+        return self.cache[key]
+
+    def plain_psnr(self, steps: int) -> dict[str, Any] | None:
+        """Paired PSNR of the plain sampler at `steps` on the validation set (rank 0; else None)."""
+        return self._psnr(self._images(steps, "none"))
+
+    def _sample(self, steps: int, loop_steps: str) -> torch.Tensor | None:
         from ilf_runtime.pipelines import sample
 
         mine = list(shard(len(self.seeds), self.info))

@@ -1,0 +1,208 @@
+"""The search itself: `Search` (candidates, scores per rung, `tune.json`, one `train.Trainer` per candidate
+and slice) and `run_search` (the rungs, candidates dealt over the ranks, scores swapped after each rung)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ilf_runtime.tune.space import (
+    Candidate,
+    TuneArgs,
+    default_step_counts,
+    pick_candidates,
+    rungs,
+    search_space,
+)
+
+__all__ = ["STATE", "Search", "prebuild_banks", "run_search", "winner"]
+
+STATE = "tune.json"
+
+
+class Search:
+    """The state of one search: candidates, scores per rung, the run directories; `tune.json`."""
+
+    def __init__(self, a: TuneArgs, model: Any, info: Any):
+        self.a, self.model, self.info = a, model, info
+        self.out = Path(a.out)
+        self.layers = len(model.transformer.transformer_blocks)
+        self.budget = a.budget_for(self.layers)
+        self.state_file = self.out / STATE
+        self.val_cache: dict = {}
+        self.t0 = time.monotonic()
+        self.scored = 0  # candidates scored in this session
+        self.state = self._open()
+
+    def _open(self) -> dict[str, Any]:
+        a, f = self.a, self.state_file
+        keep = ("resume", "overwrite", "max_minutes", "progress", "device", "out")
+        mine = {k: v for k, v in asdict(a).items() if k not in keep}
+        if f.exists() and not (a.resume or a.overwrite):
+            raise ValueError(
+                f"--out {self.out} holds an earlier search ({STATE}): pass --resume or --overwrite"
+            )
+        if f.exists() and a.overwrite and self.info.is_main:  # the earlier candidates' runs go too
+            shutil.rmtree(self.out / "runs", ignore_errors=True)
+        if f.exists() and a.resume:
+            state = json.loads(f.read_text())
+            if state.get("args") != mine:
+                diff = sorted(k for k in mine if state.get("args", {}).get(k) != mine[k])
+                raise ValueError(f"{f} was written with different arguments: {', '.join(diff)}")
+            return state
+        space = search_space(a, self.layers)
+        if not space:
+            counts = a.step_counts or default_step_counts(a.teacher_steps, self.layers, 10**9)
+            raise ValueError(
+                f"no schedule fits a budget of {self.budget} block evaluations per image with {self.layers} "
+                f"blocks (step counts {counts} cost {self.layers} per step plus at least 2 per looped step); "
+                "raise --budget or lower --speedup"
+            )
+        chosen = pick_candidates(space, a.candidates, a.seed)
+        return {"args": mine, "budget": self.budget, "layers": self.layers, "space_size": len(space),
+                "candidates": [asdict(c) for c in chosen], "scores": {}, "final": None}  # fmt: skip
+
+    def save(self) -> None:
+        if self.info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            tmp = self.state_file.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(self.state, indent=1))
+            tmp.replace(self.state_file)
+
+    @property
+    def candidates(self) -> list[Candidate]:
+        return [Candidate(**c) for c in self.state["candidates"]]
+
+    def train_args(self, c: Candidate, fresh: bool) -> Any:
+        from ilf_runtime.train.args import TrainArgs
+
+        a = self.a
+        return TrainArgs(
+            model=a.model, out=str(self.out / "runs" / c.name), loop=c.config(), steps=c.steps,
+            teacher_steps=a.teacher_steps, solver=a.solver, guidance=a.guidance, states=a.states,
+            bank_size=a.bank_size, bank_cache=str(self.out / "banks"), prompts=a.prompts,
+            val_prompts=a.val_prompts, train_steps=a.final_steps, batch_size=a.batch_size, lr=a.lr,
+            warmup=min(a.warmup, a.final_steps - 1), ema=a.ema, seed=a.seed, ckpt_every=10**9,
+            val_every=0, val_samples=a.val_samples, val_seed=a.val_seed, resume=not fresh,
+            overwrite=fresh, progress=False, device=a.device,
+        )  # fmt: skip
+
+    def trainer(self, c: Candidate, info: Any) -> Any:
+        from ilf_runtime.train.checkpoint import CKPT
+        from ilf_runtime.train.loop import Trainer
+
+        fresh = not (self.out / "runs" / c.name / CKPT).exists()
+        return Trainer(self.train_args(c, fresh), self.model, info, val_cache=self.val_cache)
+
+    def score(self, c: Candidate, until: int, info: Any) -> dict[str, Any] | str:
+        """Trains `c` up to `until` steps and returns its validation, or why it stopped early."""
+        from ilf_runtime.ilf import remove_ilf
+
+        run = self.trainer(c, info)
+        try:
+            stopped = run.train(until=until)
+            run.checkpoint()
+            if stopped:
+                return stopped
+            r = run.validate() or {}
+            self.scored += 1
+            return dict(r) | {"train_steps": run.step}
+        finally:
+            remove_ilf(run.tf)
+
+    def out_of_time(self) -> bool:
+        """Past ``max_minutes``, once this session has scored at least one candidate (so that every
+        session makes progress)."""
+        return (
+            self.scored > 0
+            and self.a.max_minutes > 0
+            and time.monotonic() - self.t0 > self.a.max_minutes * 60
+        )
+
+
+def _rank_order(scores: dict[str, dict[str, Any]], names: list[str]) -> list[str]:
+    """Best first: higher PSNR, then lower cost, then name (deterministic on every rank)."""
+    return sorted(names, key=lambda n: (-scores[n]["psnr"], scores[n]["block_evals"], n))
+
+
+def run_search(s: Search, bar: Any = None) -> str | None:
+    """The rungs of successive halving; returns why it stopped early, or None."""
+    from ilf_runtime.distributed import DistInfo
+
+    info, alive = s.info, [c.name for c in s.candidates]
+    by_name = {c.name: c for c in s.candidates}
+    local = DistInfo(device=info.device)  # each rank trains its own candidates alone
+    if info.enabled and not s.state["scores"]:
+        prebuild_banks(s, local)
+    prev = 0
+    for r, (n, steps) in enumerate(rungs(len(alive), s.a)):
+        alive = alive[:n]
+        done = s.state["scores"].setdefault(str(r), {})
+        todo = [name for name in alive if name not in done]
+        if bar is not None:
+            bar.update(len(done) * (steps - prev))
+        results: dict[str, Any] = {}
+        stopped = None
+        for name in todo[info.rank :: info.world_size]:
+            if s.out_of_time():
+                stopped = "max_minutes"
+                break
+            res = s.score(by_name[name], steps, local)
+            if isinstance(res, str):
+                stopped = res
+                break
+            results[name] = res | {"rung": r}
+            if bar is not None:
+                bar.update(steps - prev)
+        for rank, (res, stop) in enumerate(_gather(results, stopped, info)):
+            done.update(res)
+            stopped = stopped or stop
+            if bar is not None and rank != info.rank:
+                bar.update(len(res) * (steps - prev))
+        s.save()
+        if stopped:
+            return stopped
+        alive = _rank_order(done, alive)
+        prev = steps
+        if bar is not None:
+            bar.set_postfix(best=alive[0], psnr=f"{done[alive[0]]['psnr']:.2f}")
+    return None
+
+
+def prebuild_banks(s: Search, local: Any) -> None:
+    """Under torchrun: each rank builds the teacher banks of different step counts before the first
+    rung, so that no two ranks build the same one at once (they share the cache)."""
+    from ilf_runtime.distributed import barrier
+    from ilf_runtime.ilf import remove_ilf
+
+    if s.a.states == "teacher":
+        first = {}
+        for c in s.candidates:
+            first.setdefault(c.steps, c)
+        for c in list(first.values())[s.info.rank :: s.info.world_size]:
+            run = s.trainer(c, local)
+            try:
+                run.d.build_bank(0)
+            finally:
+                remove_ilf(run.tf)
+    barrier(s.info)
+
+
+def _gather(results: dict[str, Any], stopped: str | None, info: Any) -> list[tuple[dict, str | None]]:
+    if not info.enabled:
+        return [(results, stopped)]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, (results, stopped))
+    return out
+
+
+def winner(s: Search) -> Candidate:
+    scores = s.state["scores"]
+    last = scores[max(scores, key=int)]
+    return {c.name: c for c in s.candidates}[_rank_order(last, list(last))[0]]
