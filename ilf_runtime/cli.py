@@ -532,7 +532,8 @@ def cmd_tune(a: TuneArgs) -> int:
     _check_guidance(a.guidance)
     check_writable(a.out, "--out", directory=True)
     result = main(a, load_model(a.model))
-    print("\n".join(describe(result)))
+    if result["is_main"]:  # under torchrun, one report
+        print("\n".join(describe(result)))
     return 130 if result.get("stopped") == "signal" else 0
 
 

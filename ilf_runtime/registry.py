@@ -63,7 +63,7 @@ SHIPPED_WEIGHTS = {
         "aggressive": "feedback-aggressive.safetensors",
         "dpmpp": "feedback-dpmpp.safetensors",
     },
-    "fashion-t2i": {"default": "feedback.safetensors"},
+    "fashion-t2i": {"default": "feedback.safetensors", "hand": "feedback-hand.safetensors"},
 }
 
 

@@ -143,14 +143,17 @@ def test_tune_writes_log_csv_plot_and_weights_and_resumes_exactly(dit8, tmp_path
 
 @pytest.mark.distributed
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="torch.distributed gloo missing")
-def test_torchrun_deals_candidates_over_ranks_with_the_same_scores(dit8, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--candidates", "2", "--step-counts", "2"]], ids=["six", "two"])
+def test_torchrun_deals_candidates_over_ranks_with_the_same_scores(dit8, tmp_path, extra):
+    """``two``: the ranks' candidates have different step counts, so each rank has sampled other plain
+    baselines alone; the data-parallel final must not mistake those for its own (it hung on that)."""
     from ilf_runtime.cli import main as cli
 
     one = tmp_path / "one"
-    assert cli(["tune", "--model", dit8, "--out", str(one), *TINY]) == 0
+    assert cli(["tune", "--model", dit8, "--out", str(one), *TINY, *extra]) == 0
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "ilf_runtime", "tune", "--model", dit8, "--out", str(two), *TINY]  # fmt: skip
+           "-m", "ilf_runtime", "tune", "--model", dit8, "--out", str(two), *TINY, *extra]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -34,7 +34,10 @@ class Validator:
     def _images(self, steps: int, loop_steps: str) -> torch.Tensor | None:
         if loop_steps != "none":
             return self._sample(steps, loop_steps)
-        key = (steps, self.d.S.name, self.d.guidance, self.a.val_prompts, self.a.prompts, tuple(self.seeds))
+        # the world size too: sampling sharded over the ranks is a collective, so a rank must never skip
+        # it on a hit left from sampling alone (`ilf tune`'s candidates) while another rank samples
+        key = (steps, self.d.S.name, self.d.guidance, self.a.val_prompts, self.a.prompts, tuple(self.seeds),
+               self.info.world_size)  # fmt: skip
         if key not in self.cache:
             self.cache[key] = self._sample(steps, loop_steps)
         return self.cache[key]

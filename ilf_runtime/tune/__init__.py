@@ -58,7 +58,7 @@ def main(a: TuneArgs, model: Any = None) -> dict[str, Any]:
     if info.is_main:
         write_csv(s)
     if stopped:
-        return {"stopped": stopped, "out": str(s.out)}
+        return {"stopped": stopped, "out": str(s.out), "is_main": info.is_main}
     best = winner(s)
     run = s.trainer(best, info)  # data-parallel over every rank from here
     run.a.progress = a.progress  # ilf train's own bar for the last stretch
@@ -66,7 +66,7 @@ def main(a: TuneArgs, model: Any = None) -> dict[str, Any]:
     run.checkpoint()
     if stopped:
         remove_ilf(run.tf)
-        return {"stopped": stopped, "out": str(s.out)}
+        return {"stopped": stopped, "out": str(s.out), "is_main": info.is_main}
     log = {"budget": s.budget, "space_size": s.state["space_size"], "method": f"successive halving, eta {a.eta}",
            "candidates": s.state["candidates"], "scores": s.state["scores"]}  # fmt: skip
     result = run.finish({"step": run.step, "seconds": round(run.seconds, 1)}, extra={"tune": log})
@@ -79,7 +79,7 @@ def main(a: TuneArgs, model: Any = None) -> dict[str, Any]:
         write_csv(s)
         plot_frontier(s, plain)
     barrier(info)
-    return {"winner": best.name, "weights": str(s.out / "feedback.safetensors"),
+    return {"winner": best.name, "weights": str(s.out / "feedback.safetensors"), "is_main": info.is_main,
             "validation": result.get("validation"), "budget": s.budget, "out": str(s.out)}  # fmt: skip
 
 
