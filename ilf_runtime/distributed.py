@@ -16,7 +16,15 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DistInfo", "all_gather_cat", "all_reduce_mean", "barrier", "init_distributed", "shard"]
+__all__ = [
+    "DistInfo",
+    "all_gather_cat",
+    "all_gather_objects",
+    "all_reduce_mean",
+    "barrier",
+    "init_distributed",
+    "shard",
+]
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,15 @@ def all_gather_cat(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(info.world_size)]
     dist.all_gather(parts, padded.contiguous())
     return torch.cat([p[:c] for p, c in zip(parts, counts)])
+
+
+def all_gather_objects(obj: object, info: DistInfo) -> list:
+    """Every rank's picklable `obj`, in rank order (``[obj]`` in one process)."""
+    if not info.enabled:
+        return [obj]
+    out: list = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier(info: DistInfo) -> None:

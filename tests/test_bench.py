@@ -427,7 +427,7 @@ def test_equal_evaluations_summary_compares_rows_at_most_as_dear():
     (line,) = summarize_evals(res)
     # the time-based summary never sees TaylorSeer (3x slower here); counted in evaluations it is the rival
     assert "taylorseer b ddim 10 steps (132)" in line and "margin -0.50 ± 0.00 dB" in line
-    assert "the other row is ahead by more than 3 SE" in line and "plain c" not in line
+    assert "the competitor is ahead by more than 3 SE" in line and "plain c" not in line
     res["results"][3]["per_image_psnr"] = torch.tensor([30.0, 31.0, 32.5, 33.5], dtype=torch.float64)
     res["results"][3]["psnr"] = 31.75
     assert "margin +0.75 ± 0.14 dB (paired SE): ILF ahead by more than 3 SE" in summarize_evals(res)[0]

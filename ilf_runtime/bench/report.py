@@ -211,16 +211,29 @@ def _paired(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return float(d.mean()), float(d.std(unbiased=True) / math.sqrt(d.numel()))
 
 
-def _rivals(tab: list[dict[str, Any]], i: int, lo: float, hi: float) -> list[int]:
-    """Rows other than ILF's measured against the same reference images as row `i`, whose time is in
-    (lo, hi] times row `i`'s."""
+def _others(tab: list[dict[str, Any]], i: int) -> list[int]:
+    """Rows other than ILF's measured against the same reference images as row `i`."""
     r = tab[i]
     return [
         j
         for j, q in enumerate(tab)
         if not q["method"].startswith("ilf") and q["ref"] != "self" and q["ref"] == r["ref"]
-        and lo < q["time_per_image_s"] / r["time_per_image_s"] <= hi
-    ]  # fmt: skip
+    ]
+
+
+def _rivals(tab: list[dict[str, Any]], i: int, lo: float, hi: float) -> list[int]:
+    """`_others` whose time is in (lo, hi] times row `i`'s."""
+    t = tab[i]["time_per_image_s"]
+    return [j for j in _others(tab, i) if lo < tab[j]["time_per_image_s"] / t <= hi]
+
+
+def _verdict(margin: float, se: float, k: int) -> str:
+    """ILF's paired margin over a competitor, judged at `k` standard errors."""
+    if margin > k * se:
+        return f"ILF ahead by more than {k} SE"
+    if margin < -k * se:
+        return f"the competitor is ahead by more than {k} SE"
+    return f"within {k} SE"
 
 
 def _dominated(tab: list[dict[str, Any]], res: list[dict[str, Any]], i: int) -> str:
@@ -281,12 +294,9 @@ def summarize(result: dict[str, Any]) -> list[str]:
             j = max(same, key=lambda k: tab[k]["psnr"])
             c = tab[j]
             margin, se = _paired(res[i]["per_image_psnr"], res[j]["per_image_psnr"])
-            if margin > 2 * se:
-                verdict = "ILF ahead by more than 2 SE"
-            elif margin < -2 * se:
-                verdict = "the competitor is ahead by more than 2 SE"
-            else:
-                verdict = "within 2 SE: no clear winner"
+            verdict = _verdict(margin, se, 2)
+            if verdict == "within 2 SE":
+                verdict += ": no clear winner"
             line += (
                 f"; best competitor at this cost (±{COST_TOLERANCE:.0%}, PSNR against {r['ref']}): {_name(c)} "
                 f"({1000 * c['time_per_image_s']:.2f} ms/image): PSNR {r['psnr']:.2f} vs {c['psnr']:.2f} dB, "
@@ -324,24 +334,14 @@ def summarize_evals(result: dict[str, Any]) -> list[str]:
             continue
         evals = r["block_evals_per_image"]
         line = f"{_name(r)}: {evals:.0f} block evaluations per image"
-        rivals = [
-            j
-            for j, q in enumerate(tab)
-            if not q["method"].startswith("ilf") and q["ref"] != "self" and q["ref"] == r["ref"]
-            and q["block_evals_per_image"] <= evals + 1e-9
-        ]  # fmt: skip
+        rivals = [j for j in _others(tab, i) if tab[j]["block_evals_per_image"] <= evals + 1e-9]
         if not rivals:
             lines.append(line + f"; no other row against {r['ref']} spends as few.")
             continue
         j = max(rivals, key=lambda k: tab[k]["psnr"])
         q = tab[j]
         margin, se = _paired(res[i]["per_image_psnr"], res[j]["per_image_psnr"])
-        if margin > 3 * se:
-            verdict = "ILF ahead by more than 3 SE"
-        elif margin < -3 * se:
-            verdict = "the other row is ahead by more than 3 SE"
-        else:
-            verdict = "within 3 SE"
+        verdict = _verdict(margin, se, 3)
         lines.append(
             line + f"; best row at most as dear: {_name(q)} ({q['block_evals_per_image']:.0f}): PSNR "
             f"{r['psnr']:.2f} vs {q['psnr']:.2f} dB, margin {margin:+.2f} ± {se:.2f} dB (paired SE): {verdict}."

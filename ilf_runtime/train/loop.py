@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ilf_runtime.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
+from ilf_runtime.distributed import DistInfo, all_gather_objects, all_reduce_mean, barrier, init_distributed
 from ilf_runtime.ilf import apply_ilf
 from ilf_runtime.train.args import TrainArgs, flat_args
 from ilf_runtime.train.checkpoint import (
@@ -232,10 +232,7 @@ class Trainer:
         """The feedback weights' content hash on every rank. Same initialisation and averaged
         gradients must give every rank the same weights: checked here, not assumed."""
         digest = content_hash({n: p.detach().cpu() for n, p in self.loop.named_parameters()})
-        if not self.info.enabled:
-            return [digest]
-        digests = [None] * self.info.world_size
-        torch.distributed.all_gather_object(digests, digest)
+        digests = all_gather_objects(digest, self.info)
         if len(set(digests)) != 1:
             raise RuntimeError(f"ranks ended with different feedback weights: {digests}")
         return digests

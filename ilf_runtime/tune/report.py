@@ -30,11 +30,11 @@ def write_csv(s: Search) -> Path:
         w.writeheader()
         last_rung = max((int(k) for k in scores), default=-1)
         for c in s.candidates:
-            rung = max((int(k) for k, v in scores.items() if c.name in v), default=None)
             row: dict[str, Any] = asdict(c) | {"name": c.name, "block_evals": c.block_evals(s.layers)}
-            if rung is not None:
-                row |= scores[str(rung)][c.name]
-                alive = rung == last_rung
+            last = s.last_score(c)
+            if last is not None:
+                row |= last[1]
+                alive = last[0] == last_rung
                 row["status"] = "winner" if c.name == final else ("final rung" if alive else "eliminated")
             else:
                 row["status"] = "not scored"
@@ -57,10 +57,10 @@ def plot_frontier(s: Search, plain: dict[int, float]) -> Path | None:
     cmap = plt.get_cmap("viridis")
     top = max((int(k) for k in scores), default=0)
     for c in s.candidates:
-        rung = max((int(k) for k, v in scores.items() if c.name in v), default=None)
-        if rung is None:
+        last = s.last_score(c)
+        if last is None:
             continue
-        r = scores[str(rung)][c.name]
+        rung, r = last
         ax.scatter(r["block_evals"], r["psnr"], color=cmap(rung / max(1, top)), s=30 + 25 * rung,
                    marker="D" if c.baseline else "o", zorder=3)  # fmt: skip
     xs = sorted(plain)

@@ -114,6 +114,13 @@ class Search:
         finally:
             remove_ilf(run.tf)
 
+    def last_score(self, c: Candidate) -> tuple[int, dict[str, Any]] | None:
+        """(rung, score) of `c`'s last scored rung, or None before its first."""
+        rungs_in = [int(k) for k, v in self.state["scores"].items() if c.name in v]
+        if not rungs_in:
+            return None
+        return max(rungs_in), self.state["scores"][str(max(rungs_in))][c.name]
+
     def out_of_time(self) -> bool:
         """Past ``max_minutes``, once this session has scored at least one candidate (so that every
         session makes progress)."""
@@ -131,7 +138,7 @@ def _rank_order(scores: dict[str, dict[str, Any]], names: list[str]) -> list[str
 
 def run_search(s: Search, bar: Any = None) -> str | None:
     """The rungs of successive halving; returns why it stopped early, or None."""
-    from ilf_runtime.distributed import DistInfo
+    from ilf_runtime.distributed import DistInfo, all_gather_objects
 
     info, alive = s.info, [c.name for c in s.candidates]
     by_name = {c.name: c for c in s.candidates}
@@ -158,7 +165,7 @@ def run_search(s: Search, bar: Any = None) -> str | None:
             results[name] = res | {"rung": r}
             if bar is not None:
                 bar.update(steps - prev)
-        for rank, (res, stop) in enumerate(_gather(results, stopped, info)):
+        for rank, (res, stop) in enumerate(all_gather_objects((results, stopped), info)):
             done.update(res)
             stopped = stopped or stop
             if bar is not None and rank != info.rank:
@@ -190,16 +197,6 @@ def prebuild_banks(s: Search, local: Any) -> None:
             finally:
                 remove_ilf(run.tf)
     barrier(s.info)
-
-
-def _gather(results: dict[str, Any], stopped: str | None, info: Any) -> list[tuple[dict, str | None]]:
-    if not info.enabled:
-        return [(results, stopped)]
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * info.world_size
-    dist.all_gather_object(out, (results, stopped))
-    return out
 
 
 def winner(s: Search) -> Candidate:

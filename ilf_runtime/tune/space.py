@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ilf_runtime.config import ILFConfig
 
@@ -229,10 +229,7 @@ def search_space(a: TuneArgs, layers: int) -> list[Candidate]:
                             out.append(Candidate(steps, start, start + w - 1, spec, n, init))
     base = baseline_candidate(layers, budget, a.teacher_steps)
     if base is not None:
-        out = [c for c in out if (c.steps, c.loop_start, c.loop_end, c.loop_steps, c.loop_iters,
-                                  c.feedback_init) != (base.steps, base.loop_start, base.loop_end,
-                                                       base.loop_steps, 1, "copy")]  # fmt: skip
-        out.insert(0, base)
+        out = [base] + [c for c in out if c != replace(base, baseline=False)]
     return out
 
 
