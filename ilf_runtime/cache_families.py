@@ -125,9 +125,26 @@ def _inner_reuse(spec: str, dtype: torch.dtype, ratios: list[float] | None) -> I
     return InnerReuseConfig(int(a), int(b), int(n))
 
 
+TAYLORSEER_WARMUP = TaylorSeerCacheConfig.disable_cache_before_step  # diffusers' default warm-up (3 steps)
+
+
 def _taylorseer(spec: str, dtype: torch.dtype, ratios: list[float] | None) -> TaylorSeerCacheConfig:
-    n, _, order = spec.partition(":")
-    return TaylorSeerCacheConfig(cache_interval=int(n), max_order=int(order or 1), taylor_factors_dtype=dtype)
+    n, order, warmup, *rest = spec.split(":") + ["", ""]
+    if rest != [""] * len(rest):
+        raise ValueError("too many fields")
+    return TaylorSeerCacheConfig(
+        cache_interval=int(n),
+        max_order=int(order or 1),
+        disable_cache_before_step=int(warmup or TAYLORSEER_WARMUP),
+        taylor_factors_dtype=dtype,
+    )
+
+
+def _taylorseer_name(c: TaylorSeerCacheConfig) -> str:
+    warmup = (
+        "" if c.disable_cache_before_step == TAYLORSEER_WARMUP else f",warmup={c.disable_cache_before_step}"
+    )
+    return f"N={c.cache_interval},order={c.max_order}{warmup}"
 
 
 def _magcache(spec: str, dtype: torch.dtype, ratios: list[float] | None) -> MagCacheConfig:
@@ -151,9 +168,10 @@ FAMILIES: dict[str, CacheFamily] = {f.name: f for f in (
     CacheFamily("first-block-cache", FirstBlockCacheConfig, "THRESHOLD", "0.05,0.1,0.2",
                 lambda s, d, r: FirstBlockCacheConfig(threshold=float(s)), lambda c: f"thr={c.threshold:g}",
                 "diffusers' First-Block-Cache: later blocks skip while block 0's output moves < THRESHOLD"),
-    CacheFamily("taylorseer", TaylorSeerCacheConfig, "N[:ORDER]", "2,3,4", _taylorseer,
-                lambda c: f"N={c.cache_interval},order={c.max_order}",
-                "diffusers' TaylorSeer: outputs computed every N steps, Taylor-extrapolated in between"),
+    CacheFamily("taylorseer", TaylorSeerCacheConfig, "N[:ORDER[:WARMUP]]", "2,3,4", _taylorseer,
+                _taylorseer_name,
+                "diffusers' TaylorSeer: outputs computed every N steps (after WARMUP full steps, default 3), "
+                "Taylor-extrapolated in between"),
     CacheFamily("magcache", MagCacheConfig, "THRESHOLD", "0.03,0.06,0.12,0.24", _magcache,
                 lambda c: "calibrate" if c.calibrate else f"thr={c.threshold:g}",
                 "diffusers' MagCache: blocks skip while the calibrated magnitude-ratio error is < THRESHOLD"),

@@ -212,6 +212,11 @@ def test_families_parse_and_describe_their_settings():
     assert describe(cache_config("magcache", "0.1", dtype=F32)) == ("magcache", "calibrate")
     ts = cache_config("taylorseer", "3:2", dtype=torch.float16)
     assert (ts.cache_interval, ts.max_order, ts.taylor_factors_dtype) == (3, 2, torch.float16)
+    assert ts.disable_cache_before_step == 3 and describe(ts) == ("taylorseer", "N=3,order=2")
+    early = cache_config("taylorseer", "2:2:1", dtype=F32)
+    assert early.disable_cache_before_step == 1 and describe(early) == ("taylorseer", "N=2,order=2,warmup=1")
+    with pytest.raises(ValueError, match=r"taylorseer setting '2:2:1:4': expected N\[:ORDER\[:WARMUP\]\]"):
+        cache_config("taylorseer", "2:2:1:4", dtype=F32)
     with pytest.raises(ValueError, match=r"delta-dit setting '6:0.5': expected K:BOUNDARY:N"):
         cache_config("delta-dit", "6:0.5", dtype=F32)
     with pytest.raises(ValueError, match="unknown cache family 'teacache'"):

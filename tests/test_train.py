@@ -451,3 +451,32 @@ def test_bank_cache_is_reused_and_gives_the_same_run(dit_dir, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     main(replace(a, out=str(tmp_path / "three"), bank_size=12))  # another bank, another file
     assert len(list(cache.glob("bank-*.safetensors"))) == 2
+
+
+def test_warm_start_begins_from_the_weights_file(dit_dir, tmp_path):
+    from ilf_runtime.distributed import DistInfo
+    from ilf_runtime.train.loop import Trainer
+
+    first = main(_args(dit_dir, tmp_path / "first", train_steps=25, ema=0.0))
+    w = load_ilf_weights(first["weights"])
+    a = _args(dit_dir, tmp_path / "warm", init_weights=first["weights"], seed=5)
+    run = Trainer(a, None, DistInfo())
+    got = {f"feedback.{k}": v for k, v in run.loop.feedback.state_dict().items()} | {
+        "scales": run.loop.scales
+    }
+    assert set(got) == set(w.tensors)
+    assert all(torch.equal(got[k], w.tensors[k]) for k in got)
+    assert all(torch.equal(e, p) for e, p in zip(run.ema, run.params))  # the EMA starts there too
+    warm = _held_out_loss(run.model, a)
+    fresh_model = load_model(dit_dir)
+    apply_ilf(fresh_model.transformer, a.loop)
+    assert warm < 0.8 * _held_out_loss(fresh_model, a)  # it starts where the first run ended
+    done = main(replace(a, train_steps=2), model=load_model(dit_dir))
+    began = load_ilf_weights(done["weights"]).metadata["training"]["init_weights"]
+    assert began["content_sha256"] == w.metadata["content_sha256"] and began["steps"] == 25
+
+
+def test_warm_start_refuses_another_loop(dit_dir, tmp_path):
+    first = main(_args(dit_dir, tmp_path / "first", train_steps=2))
+    with pytest.raises(ValueError, match=r"has another loop: loop_end 2 \(run: 3\)"):
+        main(_args(dit_dir, tmp_path / "warm", init_weights=first["weights"], loop_end=3))

@@ -45,6 +45,9 @@ class TrainArgs:
             model's own text encoder (the negative prompt empty); instead of ``prompt_embeds``.
         val_prompts: a text file of validation prompts (default: the training conditions), e.g.
             prompts held out of training.
+        init_weights: start the feedback module from this weights file instead of ``feedback_init``
+            (a warm start with a fresh schedule: longer training of shipped weights); its loop range,
+            iterations and scale shape must be this run's.
         train_steps: optimiser steps.
         batch_size: samples per step and rank.
         lr: AdamW's peak learning rate (reached after the warm-up, then cosine decay to 0).
@@ -86,6 +89,7 @@ class TrainArgs:
     prompt_embeds: str | None = None
     prompts: str | None = None
     val_prompts: str | None = None
+    init_weights: str | None = None
     train_steps: int = 1000
     batch_size: int = 64
     lr: float = 1e-3

@@ -28,11 +28,11 @@ from ilf_runtime.train.checkpoint import (
 )
 from ilf_runtime.train.distill import Distiller
 from ilf_runtime.train.validate import Validator
-from ilf_runtime.weights import content_hash, save_ilf_weights
+from ilf_runtime.weights import content_hash, load_ilf_weights, read_metadata, save_ilf_weights
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Trainer", "lr_at", "main", "requires_grad", "update_ema"]
+__all__ = ["Trainer", "lr_at", "main", "requires_grad", "update_ema", "warm_start"]
 
 
 def requires_grad(module: nn.Module, flag: bool) -> None:
@@ -56,6 +56,24 @@ def lr_at(step: int, a: TrainArgs) -> float:
     return a.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
+# the loop's structure: a warm start must match these (the looped steps and the init may differ)
+WARM_START_FIELDS = ("loop_start", "loop_end", "loop_iters", "scale_shape", "feedback_t_shift")
+
+
+def warm_start(loop: nn.Module, transformer: nn.Module, a: TrainArgs) -> None:
+    """Loads ``a.init_weights`` into a fresh loop, refusing a file of another backbone or loop."""
+    w = load_ilf_weights(a.init_weights)
+    w.check_backbone(transformer)
+    diff = [
+        f"{k} {getattr(w.config, k)!r} (run: {getattr(a.loop, k)!r})"
+        for k in WARM_START_FIELDS
+        if getattr(w.config, k) != getattr(a.loop, k)
+    ]
+    if diff:
+        raise ValueError(f"--init-weights {a.init_weights} has another loop: {', '.join(diff)}")
+    w.load_into(loop)
+
+
 STALE_TMP_SECONDS = 600  # a bank cache's *.tmp untouched this long was left by an interrupted write
 
 
@@ -73,6 +91,8 @@ class Trainer:
         self.tf = self.model.transformer.eval()
         requires_grad(self.tf, False)
         self.loop = apply_ilf(self.tf, a.loop)
+        if a.init_weights:
+            warm_start(self.loop, self.tf, a)
         requires_grad(self.loop, True)
         self.params = list(self.loop.parameters())
         self.opt = torch.optim.AdamW(self.params, lr=a.lr, weight_decay=a.weight_decay)
@@ -254,6 +274,14 @@ class Trainer:
                 "validation": dict(r or {}),
                 "torch": torch.__version__,
             } | dict(extra or {})
+            if a.init_weights:  # what the warm start began from: the file's checksum and its training
+                meta = read_metadata(a.init_weights)
+                earlier = meta.get("training") or {}
+                training["init_weights"] = {
+                    "content_sha256": meta["content_sha256"],
+                    "steps": earlier.get("steps"),
+                    "args": earlier.get("args"),
+                }
             sampler = {
                 "num_steps": a.steps,
                 "solver": self.d.S.name,
