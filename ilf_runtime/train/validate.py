@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -68,17 +69,24 @@ class Validator:
 
         return None if images is None else paired_psnr(images, self.ref)
 
-    def run(self) -> dict[str, Any] | None:
-        r = self._psnr(self._images(self.a.steps, self.a.loop.loop_steps))
+    def run(self, loop_steps: str | None = None) -> dict[str, Any] | None:
+        """The EMA weights' validation (rank 0; else None): paired PSNR and the gain over the plain
+        sampler of equal (or the next higher) cost; `loop_steps` scores another choice of looped steps."""
+        spec = self.a.loop.loop_steps if loop_steps is None else loop_steps
+        r = self._psnr(self._images(self.a.steps, spec))
+        cost = replace(self.d.loop.config, loop_steps=spec).block_evals(self.layers, self.a.steps)
+        equal = math.ceil(cost / self.layers)
+        if equal not in self.plain:  # sampling is a collective: every rank, before rank 0 alone goes on
+            self.plain[equal] = self.plain_psnr(equal)
         if r is None:
             return None
-        base = self.plain[self.equal_steps]
+        base = self.plain[equal]
         diff = r["per_image_psnr"] - base["per_image_psnr"]
         return {
             "psnr": r["psnr"],
             "psnr_se": r["psnr_se"],
-            "block_evals": self.cost,
-            "equal_cost_steps": self.equal_steps,
+            "block_evals": cost,
+            "equal_cost_steps": equal,
             "equal_cost_psnr": base["psnr"],
             "gain_db": float(diff.mean()),
             "gain_se": float(diff.std() / math.sqrt(diff.numel())),

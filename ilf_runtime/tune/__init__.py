@@ -33,7 +33,12 @@ __all__ = ["Candidate", "TuneArgs", "baseline_candidate", "describe", "main", "r
 
 
 def main(a: TuneArgs, model: Any = None) -> dict[str, Any]:
-    """Runs (or resumes) the search, trains the winner to ``final_steps`` and writes its weights."""
+    """Runs (or resumes) the search, trains the winner to ``final_steps`` and writes its weights (with
+    ``from_weights``: prunes that file's looped steps instead, `tune.prune`)."""
+    if a.from_weights:
+        from ilf_runtime.tune.prune import main as prune
+
+        return prune(a, model)
     from ilf_runtime.distributed import barrier, init_distributed
     from ilf_runtime.ilf import remove_ilf
     from ilf_runtime.registry import load_model, to_model
@@ -90,14 +95,15 @@ def describe(result: dict[str, Any]) -> list[str]:
             f"stopped ({result['stopped']}); continue with --resume (scores so far: {result['out']}/{STATE})"
         ]
     lines = [
-        f"winner {result['winner']} within {result['budget']} block evaluations per image: {result['weights']}"
+        f"{'pruned to' if 'pruned' in result else 'winner'} {result['winner']} within {result['budget']} block evaluations per image: {result['weights']}"
     ]
     v = result.get("validation") or {}
     if v:
         lines.append(
             f"held-out PSNR {v['psnr']:.2f} dB vs the teacher, {v['gain_db']:+.2f} +- {v['gain_se']:.2f} dB over "
             f"plain {v['equal_cost_steps']} steps ({v['block_evals']} block evaluations); "
-            f"candidates.csv and frontier.png in {result['out']}"
+            + ("the rounds in prune.json" if "pruned" in result else "candidates.csv and frontier.png")
+            + f" in {result['out']}"
         )
     return lines
 

@@ -40,6 +40,9 @@ class TuneArgs:
         model: built-in model name or local diffusers DiT / PixArt directory.
         out: search directory (tune.json, candidates.csv, frontier.png, one run folder per candidate,
             the winner's feedback.safetensors).
+        from_weights: instead of a search: drop looped steps of this trained weights file, greedily by
+            held-out PSNR, until it fits the budget, then train it on for final_steps from those weights
+            (0: write it as it is); see `tune.prune`.
         budget: block evaluations per image (per guidance branch) a candidate may spend.
         speedup: instead of budget: the target speed-up over plain teacher_steps sampling
             (budget = teacher_steps x blocks / speedup, rounded down).
@@ -77,6 +80,7 @@ class TuneArgs:
 
     model: str = "fashion-dit"
     out: str = "runs/ilf-tune"
+    from_weights: str | None = None
     budget: int | None = None
     speedup: float | None = None
     teacher_steps: int = 20
@@ -118,7 +122,8 @@ class TuneArgs:
                 ("--speedup", self.speedup, self.speedup is None or 1 < self.speedup < 1e3),
                 ("--eta", self.eta, self.eta >= 2),
                 ("--candidates", self.candidates, self.candidates >= 1),
-                ("--min-steps", self.min_steps, 1 <= self.min_steps <= self.final_steps),
+                ("--min-steps", self.min_steps, self.from_weights or 1 <= self.min_steps <= self.final_steps),
+                ("--final-steps", self.final_steps, self.final_steps >= (0 if self.from_weights else 1)),
                 ("--widths", self.widths, bool(self.widths) and min(self.widths) >= 1),
                 ("--iters", self.iters, bool(self.iters) and 1 <= min(self.iters) and max(self.iters) <= 64),
                 (
@@ -135,7 +140,7 @@ class TuneArgs:
         if bad:
             raise ValueError(
                 f"invalid tune arguments: {', '.join(bad)} (expected: budget >= 1, 1 < speedup, eta >= 2, "
-                "1 <= min_steps <= final_steps, widths >= 1, iters 1..64, patterns last|spread, "
+                "1 <= min_steps <= final_steps (final_steps 0 only with from_weights), widths >= 1, iters 1..64, patterns last|spread, "
                 "inits copy|random, val_samples >= 2)"
             )
 
