@@ -63,7 +63,11 @@ SHIPPED_WEIGHTS = {
         "aggressive": "feedback-aggressive.safetensors",
         "dpmpp": "feedback-dpmpp.safetensors",
     },
-    "fashion-t2i": {"default": "feedback.safetensors", "hand": "feedback-hand.safetensors"},
+    "fashion-t2i": {
+        "default": "feedback.safetensors",
+        "hand": "feedback-hand.safetensors",
+        "132": "feedback-132.safetensors",
+    },
 }
 
 
