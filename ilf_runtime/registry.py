@@ -62,6 +62,8 @@ SHIPPED_WEIGHTS = {
         "default": "feedback.safetensors",
         "aggressive": "feedback-aggressive.safetensors",
         "dpmpp": "feedback-dpmpp.safetensors",
+        "132": "feedback-132.safetensors",
+        "dpmpp-132": "feedback-dpmpp-132.safetensors",
     },
     "fashion-t2i": {
         "default": "feedback.safetensors",
