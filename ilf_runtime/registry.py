@@ -64,6 +64,7 @@ SHIPPED_WEIGHTS = {
         "dpmpp": "feedback-dpmpp.safetensors",
         "132": "feedback-132.safetensors",
         "dpmpp-132": "feedback-dpmpp-132.safetensors",
+        "dpmpp-84": "feedback-dpmpp-84.safetensors",
     },
     "fashion-t2i": {
         "default": "feedback.safetensors",

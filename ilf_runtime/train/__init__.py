@@ -17,6 +17,11 @@ Targets (``--target``, combinable with ``+``):
   R steps of the student itself (no gradient) and the teacher takes over from there (on-policy).
 - ``fast``: the paper's fast approximate distillation: the student's output at ``t`` regresses
   onto the frozen model's output on the same clean image and noise at ``t / 2``.
+- ``final``: from the teacher's state at the first looped step, the student runs the rest of its
+  schedule with gradients through every step (each step's model call recomputed in the backward
+  pass, so memory holds one step's activations) and its final image regresses onto the teacher's
+  (x space: the error the paired PSNR measures). ``--final-weight`` weighs it when combined; about
+  (steps - first looped step) times the cost of a ``trajectory`` step.
 - ``--feature-weight``: the loop's output regresses onto the teacher's block-``b`` output at the
   state and timestep the step lands on.
 

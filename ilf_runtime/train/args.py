@@ -12,7 +12,7 @@ from ilf_runtime.solvers import SOLVERS
 
 __all__ = ["PRESETS", "TARGETS", "TrainArgs", "add_arguments", "args_from_namespace", "flat_args"]
 
-TARGETS = ("trajectory", "fast")
+TARGETS = ("trajectory", "fast", "final")
 
 
 @dataclass
@@ -28,8 +28,12 @@ class TrainArgs:
         teacher_steps: plain sampler steps of the teacher; a multiple of ``steps``.
         solver: ``ddim`` or ``dpmpp_2m`` (default: the model's scheduler).
         guidance: guidance scale of teacher and student (default: the model's).
-        target: ``trajectory``, ``fast`` or ``trajectory+fast``.
+        target: ``trajectory``, ``fast``, ``final`` or a ``+`` combination. ``final``: from the
+            teacher's state at the first looped step, the student runs the rest of its schedule (with
+            gradients through every step, recomputed per step to save memory) and is scored on the
+            final image against the teacher's (x space: the paired PSNR the benchmarks measure).
         fast_weight: weight of the ``fast`` term when combined.
+        final_weight: weight of the ``final`` term when combined.
         feature_weight: weight of the feature loss on the loop output (0: off).
         loss_space: ``eps`` (landing error over the output coefficient) or ``x`` (landing error).
         unroll: consecutive student steps per loss, with gradients through the student's states.
@@ -78,6 +82,7 @@ class TrainArgs:
     guidance: float | None = None
     target: str = "trajectory"
     fast_weight: float = 1.0
+    final_weight: float = 1.0
     feature_weight: float = 0.0
     loss_space: str = field(default="eps", metadata={"choices": ("eps", "x")})
     unroll: int = 1

@@ -36,7 +36,7 @@ __all__ = [
 CKPT = "checkpoint.safetensors"
 WEIGHTS = "feedback.safetensors"
 # Columns of the run's log.csv (one row per step) and val.csv (one row per validation pass).
-LOG_FIELDS = ["step", "loss", "trajectory", "fast", "feature", "lr", "samples_per_s", "seconds"]
+LOG_FIELDS = ["step", "loss", "trajectory", "fast", "feature", "final", "lr", "samples_per_s", "seconds"]
 VAL_FIELDS = ["step", "psnr", "psnr_se", "gain_db", "gain_se", "equal_cost_steps", "equal_cost_psnr"]
 
 
@@ -206,8 +206,12 @@ def trim_log(path: Path, step: int) -> None:
 
 
 def append_row(path: Path, fields: list[str], row: dict[str, Any]) -> None:
-    """Appends one row to a CSV log, writing the header first if the file is new."""
+    """Appends one row to a CSV log, writing the header first if the file is new; an existing log
+    keeps its own columns (a run resumed from an older version's log stays aligned)."""
     new = not path.is_file()
+    if not new:
+        with path.open(newline="") as f:
+            fields = next(csv.reader(f), None) or fields
     with path.open("a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:

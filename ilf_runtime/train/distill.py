@@ -103,6 +103,11 @@ class Distiller:
                     f"student step {i} ignores the model output (degenerate schedule); cannot train it"
                 )
         self.multistep = self.S.name != "ddim"
+        if "final" in a.targets and (a.states != "teacher" or a.rollout):
+            raise ValueError(
+                f"target final needs --states teacher and --rollout 0, got --states {a.states} "
+                f"--rollout {a.rollout}"
+            )
         if self.multistep and (a.states == "data" or a.rollout or "fast" in a.targets):
             raise ValueError(
                 f"{self.S.name} is multistep: train it with --states teacher, --rollout 0 and target trajectory"
@@ -255,6 +260,9 @@ class Distiller:
         if "fast" in a.targets:
             parts["fast"] = self.fast_loss(i0, x, st["clean"], cond)
             total = total + a.fast_weight * parts["fast"]
+        if "final" in a.targets:
+            parts["final"] = self.final_loss(st["traj"], cond)
+            total = total + a.final_weight * parts["final"]
         return total, {k: float(v.detach()) for k, v in parts.items()}
 
     def trajectory_loss(
@@ -298,6 +306,23 @@ class Distiller:
         if "h" in cap and i0 + 1 < a.steps:
             parts["feature"] = self.feature_loss(cap["h"], targets[0], i0 + 1, cond)
         return parts
+
+    def final_loss(self, traj: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The student's final image against the teacher's, from the teacher's state at the first
+        looped step through the rest of the schedule; each step's model call is recomputed in the
+        backward pass (activation checkpointing), so memory holds one step's activations."""
+        from torch.utils.checkpoint import checkpoint
+
+        f = self.mask.index(True)
+        x, state = traj[:, f], self.S.init_state()
+        if self.multistep and f > 0:
+            with torch.no_grad():
+                x_prev = traj[:, f - 1]
+                state.prev_x0 = self.S.predict_x0(f - 1, x_prev, self.student(f - 1, x_prev, cond))
+        for i in range(f, self.a.steps):
+            out = checkpoint(self.student, i, x, cond, use_reentrant=False)
+            x = self.S.step(i, x, out, state)
+        return (x.float() - traj[:, -1].float()).square().mean()
 
     def feature_loss(
         self, h: torch.Tensor, x_next: torch.Tensor, i_next: int, cond: Conditioning
