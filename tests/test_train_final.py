@@ -76,7 +76,7 @@ def test_checkpointed_backward_equals_the_plain_backward(dit_dir, tmp_path, monk
     recomputed = grads()
     import torch.utils.checkpoint as ckpt
 
-    monkeypatch.setattr(ckpt, "checkpoint", lambda fn, *args, **kw: fn(*args))
+    monkeypatch.setattr(ckpt, "checkpoint", lambda fn, *args, **kw: fn(*args))  # distill calls it by module
     plain = grads()
     assert any(float(g.abs().max()) > 0 for g in plain)
     for r, p in zip(recomputed, plain):
@@ -109,12 +109,13 @@ def test_final_target_needs_teacher_states_without_rollout(dit_dir, tmp_path):
 def test_a_log_from_before_the_final_column_stays_aligned(tmp_path):
     import csv
 
-    from ilf_runtime.train.checkpoint import LOG_FIELDS, append_row
+    from ilf_runtime.train.checkpoint import LOG_FIELDS, append_row, trim_log
 
     log = tmp_path / "log.csv"
     old = [f for f in LOG_FIELDS if f != "final"]  # the header an older version wrote
-    log.write_text(",".join(old) + "\n")
-    append_row(log, LOG_FIELDS, {"step": 7, "loss": 0.5, "final": 0.25, "lr": 0.1})
+    log.write_text(",".join(old) + "\n" + ",".join(["9"] * len(old)) + "\n")  # a row after the checkpoint
+    assert trim_log(log, 7) == old and trim_log(tmp_path / "none.csv", 7) is None
+    append_row(log, old, {"step": 7, "loss": 0.5, "final": 0.25, "lr": 0.1})  # the resumed run's columns
     append_row(tmp_path / "new.csv", LOG_FIELDS, {"step": 7, "final": 0.25})
     (row,) = list(csv.DictReader(log.open()))
     assert row["step"] == "7" and row["loss"] == "0.5" and row["lr"] == "0.1" and "final" not in row

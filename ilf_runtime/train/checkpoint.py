@@ -194,24 +194,23 @@ class StopFlag:
             signal.signal(sig, old)
 
 
-def trim_log(path: Path, step: int) -> None:
-    """After a resume, drop the rows an interrupted run wrote after its last checkpoint."""
+def trim_log(path: Path, step: int) -> list[str] | None:
+    """After a resume, drop the rows an interrupted run wrote after its last checkpoint. Returns the
+    log's header (None without a log): the resumed run appends in those columns, so that a log an
+    older version began stays aligned."""
     if not path.is_file():
-        return
+        return None
     with path.open() as f:
         rows = list(csv.reader(f))
     keep = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= step]
     with path.open("w", newline="") as f:
         csv.writer(f).writerows(keep)
+    return rows[0]
 
 
 def append_row(path: Path, fields: list[str], row: dict[str, Any]) -> None:
-    """Appends one row to a CSV log, writing the header first if the file is new; an existing log
-    keeps its own columns (a run resumed from an older version's log stays aligned)."""
+    """Appends one row to a CSV log, writing the header first if the file is new."""
     new = not path.is_file()
-    if not new:
-        with path.open(newline="") as f:
-            fields = next(csv.reader(f), None) or fields
     with path.open("a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:

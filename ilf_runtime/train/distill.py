@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils.checkpoint as activation_checkpoint
 
 from ilf_runtime.distributed import DistInfo
 from ilf_runtime.models import Conditioning, read_prompts
@@ -265,15 +266,20 @@ class Distiller:
             total = total + a.final_weight * parts["final"]
         return total, {k: float(v.detach()) for k, v in parts.items()}
 
+    def student_history(self, i: int, traj: torch.Tensor, cond: Conditioning, state: SolverState) -> None:
+        """A multistep solver's history before student step i started from the teacher's state: the
+        student's own x0 at the previous grid point of the trajectory (nothing for DDIM or step 0)."""
+        if self.multistep and i > 0:
+            x_prev = traj[:, i - 1]
+            state.prev_x0 = self.S.predict_x0(i - 1, x_prev, self.student(i - 1, x_prev, cond))
+
     def trajectory_loss(
         self, i0: int, x: torch.Tensor, cond: Conditioning, traj: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
         a = self.a
         s_state, t_state = self.S.init_state(), self.T.init_state()
         with torch.no_grad():
-            if self.multistep and i0 > 0:  # the student's history: its own x0 at the previous grid point
-                x_prev = traj[:, i0 - 1]
-                s_state.prev_x0 = self.S.predict_x0(i0 - 1, x_prev, self.student(i0 - 1, x_prev, cond))
+            self.student_history(i0, traj, cond, s_state)
             if traj is not None and a.rollout == 0:
                 targets = [traj[:, i0 + u + 1] for u in range(a.unroll)]
             else:
@@ -311,16 +317,12 @@ class Distiller:
         """The student's final image against the teacher's, from the teacher's state at the first
         looped step through the rest of the schedule; each step's model call is recomputed in the
         backward pass (activation checkpointing), so memory holds one step's activations."""
-        from torch.utils.checkpoint import checkpoint
-
         f = self.mask.index(True)
         x, state = traj[:, f], self.S.init_state()
-        if self.multistep and f > 0:
-            with torch.no_grad():
-                x_prev = traj[:, f - 1]
-                state.prev_x0 = self.S.predict_x0(f - 1, x_prev, self.student(f - 1, x_prev, cond))
+        with torch.no_grad():
+            self.student_history(f, traj, cond, state)
         for i in range(f, self.a.steps):
-            out = checkpoint(self.student, i, x, cond, use_reentrant=False)
+            out = activation_checkpoint.checkpoint(self.student, i, x, cond, use_reentrant=False)
             x = self.S.step(i, x, out, state)
         return (x.float() - traj[:, -1].float()).square().mean()
 

@@ -101,6 +101,7 @@ class Trainer:
         self.ckpt = self.out / CKPT
         self.step, self.seconds = 0, 0.0
         self.saved_step: int | None = None  # the step of the last checkpoint written or resumed from
+        self.log_fields = LOG_FIELDS  # log.csv's columns (a resumed log keeps its own)
         self.open_run_dir()
         self.start_step = self.step
         self.d = Distiller(self.model, self.loop, a, info)
@@ -133,7 +134,7 @@ class Trainer:
             self.step, self.seconds = load_checkpoint(self.ckpt, self.loop, self.ema, self.opt, a)
             self.saved_step = self.step
             if info.is_main:
-                trim_log(out / "log.csv", self.step)
+                self.log_fields = trim_log(out / "log.csv", self.step) or LOG_FIELDS
                 trim_log(out / "val.csv", self.step)
             logger.info("resumed from %s at step %d", self.ckpt, self.step)
         elif info.is_main:
@@ -212,7 +213,7 @@ class Trainer:
         """Rank 0: the step's row of log.csv and the progress bar (`t0`: when the step began)."""
         rate = self.a.batch_size * self.info.world_size / (time.perf_counter() - t0)
         row = {"step": self.step, "loss": loss, "lr": lr, "samples_per_s": rate, "seconds": self.seconds}
-        append_row(self.out / "log.csv", LOG_FIELDS, row | parts)
+        append_row(self.out / "log.csv", self.log_fields, row | parts)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4g}", samples_s=f"{rate:.0f}")
