@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import numbers
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +20,8 @@ from ilf_runtime.registry import Model, to_model, weights_beside
 from ilf_runtime.sampling import denoise, make_noise
 
 __all__ = ["SampleOutput", "decode", "sample"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,6 +72,23 @@ def _check_args(num_steps: Any, guidance_scale: Any, class_labels: Any, batch_si
             raise ValueError(f"class_labels must be integer class ids, got {bad[0]!r}")
 
 
+def _weights_grid(path: str | PathLike, num_steps: int, grid_steps: int) -> tuple[list[int] | None, int]:
+    """The non-uniform grid a weights file was distilled on, where it is sampled at its own step count."""
+    from ilf_runtime.weights import read_metadata, sampler_grid
+
+    s = read_metadata(path).get("sampler") or {}
+    g = sampler_grid(s)
+    if not g:
+        return None, grid_steps
+    if num_steps != s.get("num_steps"):
+        logger.warning(
+            "%s was distilled on the grid %s of %s steps; %d steps sample on the scheduler's own spacing",
+            path, s["grid"], g["grid_steps"], num_steps,
+        )  # fmt: skip
+        return None, grid_steps
+    return g["grid"], g["grid_steps"]
+
+
 def sample(
     model: Any,
     *,
@@ -80,6 +100,8 @@ def sample(
     negative_prompt_embeds: torch.Tensor | None = None,
     negative_prompt_attention_mask: torch.Tensor | None = None,
     num_steps: int = 20,
+    grid: Sequence[int] | None = None,
+    grid_steps: int = 20,
     guidance_scale: float | None = None,
     seeds: Sequence[int] | None = None,
     seed: int = 0,
@@ -101,6 +123,10 @@ def sample(
         prompts / prompt_embeds (+ masks): PixArt conditioning, one image each; prompts go through
             the pipeline's own text encoder.
         num_steps: solver steps.
+        grid: a non-uniform grid: the teacher step each of the ``num_steps`` steps starts at, on the
+            ``grid_steps``-step grid (`ilf_runtime.solvers.Solver.subset`); default: the grid the ``ilf``
+            weights were distilled on when sampled at their step count, else the scheduler's spacing.
+        grid_steps: the steps of the grid ``grid`` indexes.
         guidance_scale: classifier-free guidance (> 1 to apply); default: the pipeline's default.
         seeds: one noise seed per image; default ``seed, seed + 1, ...``.
         solver: ``"ddim"`` or ``"dpmpp_2m"``; default: the scheduler's own kind.
@@ -126,6 +152,10 @@ def sample(
     if guidance_scale is None:
         guidance_scale = m.guidance
     _check_args(num_steps, guidance_scale, class_labels, batch_size)
+    if grid is not None and len(grid) != num_steps:
+        raise ValueError(
+            f"grid: expected {num_steps} step starts (num_steps), found {len(grid)}: {list(grid)}"
+        )
     if cuda_graph and m.device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs a model on a CUDA device; this one is on {m.device}")
 
@@ -156,10 +186,16 @@ def sample(
     if ilf is not None:
         if get_ilf(m.transformer) is not None:
             raise RuntimeError("the model already carries an ILF loop; pass ilf=None or remove it first")
-        attached = apply_ilf(m.transformer, weights_beside(ilf, m.transformer, m.name))
+        spec = weights_beside(ilf, m.transformer, m.name)
+        if grid is None and isinstance(spec, (str, PathLike)):
+            grid, grid_steps = _weights_grid(spec, num_steps, grid_steps)
+        attached = apply_ilf(m.transformer, spec)
     loop = get_ilf(m.transformer)
     try:
-        slv = make_solver(m.scheduler, num_steps, solver=solver, device=m.device)
+        if grid is None:
+            slv = make_solver(m.scheduler, num_steps, solver=solver, device=m.device)
+        else:
+            slv = make_solver(m.scheduler, grid_steps, solver=solver, device=m.device, grid=grid)
         mask = loop.config.step_mask(num_steps, loop_steps) if loop is not None else [False] * num_steps
         bar = None
         if progress:
@@ -206,6 +242,7 @@ def sample(
         "kind": m.adapter.name,
         "solver": slv.name,
         "num_steps": num_steps,
+        "grid": None if grid is None else [int(v) for v in grid],
         "guidance_scale": guidance_scale,
         "ilf": None if loop is None else loop.config.to_dict(),
         "loop_mask": mask,

@@ -19,9 +19,11 @@ Typical loop::
 
 from __future__ import annotations
 
+import copy
+import itertools
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +39,7 @@ __all__ = [
     "DPMSolverPP2M",
     "Solver",
     "SolverState",
+    "check_grid",
     "dynamic_threshold",
     "make_solver",
 ]
@@ -84,6 +87,8 @@ class Solver:
     name: str = ""
     _tensor_attrs: tuple[str, ...] = ("timesteps",)
     _config_keys: tuple[str, ...] = ()
+    grid: tuple[int, ...] | None = None  # start indices into the parent grid (set by subset)
+    grid_steps: int | None = None  # steps of that parent grid
 
     def __init__(self, scheduler: Any, dtype: torch.dtype, device: torch.device | str | None) -> None:
         self.config = dict(scheduler.config)
@@ -109,6 +114,27 @@ class Solver:
             setattr(self, name, getattr(self, name).to(device))
         return self
 
+    def subset(self, starts: Sequence[int]) -> Solver:
+        """This solver on part of its own grid (a student's grid on its teacher's): step i starts at
+        ``timesteps[starts[i]]`` and lands where step ``starts[i + 1] - 1`` lands (the end for the last).
+
+        ``starts`` = ``range(0, N, k)`` is the uniform N/k-step grid of trailing spacing; any other
+        increasing list from 0 spends the steps unevenly (e.g. shorter steps near the end)."""
+        if self.grid is not None:
+            raise ValueError("subset of a subset: take the grid from the full solver")
+        starts = check_grid(starts, self.num_steps)
+        ends = [*starts[1:], self.num_steps]
+        new = copy.copy(self)
+        new.grid, new.grid_steps = tuple(starts), self.num_steps
+        new._timestep_list = [self._timestep_list[j] for j in starts]
+        new.timesteps = self.timesteps[torch.tensor(starts, device=self.device)]  # (n,)
+        new.num_steps = len(starts)
+        new._restrict(starts, ends)
+        return new
+
+    def _restrict(self, starts: list[int], ends: list[int]) -> None:
+        raise NotImplementedError
+
     def init_state(self) -> SolverState:
         """Fresh state for one sampling run."""
         return SolverState()
@@ -131,13 +157,16 @@ class Solver:
         keys = _COMMON_KEYS + self._config_keys
         config = {k: _jsonable(self.config[k]) for k in keys if k in self.config}
         config = {k: v for k, v in config.items() if not (isinstance(v, float) and not math.isfinite(v))}
-        return {
+        out = {
             "name": self.name,
             "num_steps": self.num_steps,
             "timesteps": list(self._timestep_list),
             "scheduler_class": self.scheduler_class,
             "config": config,
         }
+        if self.grid is not None:
+            out.update(grid=list(self.grid), grid_steps=self.grid_steps)
+        return out
 
     def _x0(self, i: int, x: Tensor, model_output: Tensor) -> Tensor:
         raise NotImplementedError
@@ -215,6 +244,12 @@ class DDIMSolver(Solver):
     def _x0(self, i: int, x: Tensor, model_output: Tensor) -> Tensor:
         return self._x0_eps(i, x, model_output)[0]
 
+    def _restrict(self, starts: list[int], ends: list[int]) -> None:
+        at = torch.tensor(starts, device=self.device)
+        to = torch.tensor([e - 1 for e in ends], device=self.device)  # the parent step landing there
+        self.sqrt_alpha, self.sqrt_beta = self.sqrt_alpha[at], self.sqrt_beta[at]
+        self.sqrt_alpha_prev, self.sqrt_beta_prev = self.sqrt_alpha_prev[to], self.sqrt_beta_prev[to]
+
     def step(self, i: int, x: Tensor, model_output: Tensor, state: SolverState) -> Tensor:
         self._check_index(i)
         x0, eps = self._x0_eps(i, x, model_output)
@@ -269,7 +304,15 @@ class DPMSolverPP2M(Solver):
                 f"channels before the solver) and no flow sigmas; got {bad}"
             )
         self.prediction_type = cfg["prediction_type"]
-        n = self.num_steps
+        ve = scheduler.sigmas.to(torch.float32)  # (N + 1,) sqrt((1 - abar) / abar); ve[N] is the final target
+        # 0-dim float32 ops one value at a time: the same rounding as the scheduler's own per-step arithmetic.
+        self._points = [_vp_alpha_sigma(ve[k]) for k in range(self.num_steps + 1)]  # (alpha, sigma) per point
+        self._build(self._points)
+        self._finish()
+
+    def _build(self, points: list[tuple[Tensor, Tensor]]) -> None:
+        """Orders and coefficients of the steps between consecutive (alpha, sigma) points."""
+        cfg, n, dtype = self.config, len(points) - 1, self.dtype
         final_low = (
             cfg["euler_at_final"]
             or (cfg["lower_order_final"] and n < 15)
@@ -279,10 +322,7 @@ class DPMSolverPP2M(Solver):
         self.orders = [
             1 if cfg["solver_order"] == 1 or i == 0 or (i == n - 1 and final_low) else 2 for i in range(n)
         ]
-
-        ve = scheduler.sigmas.to(torch.float32)  # (N + 1,) sqrt((1 - abar) / abar); ve[N] is the final target
-        # 0-dim float32 ops one value at a time: the same rounding as the scheduler's own per-step arithmetic.
-        alpha, sigma = zip(*(_vp_alpha_sigma(ve[k]) for k in range(n + 1)), strict=True)
+        alpha, sigma = zip(*points, strict=True)
         lam = [
             torch.log(a) - torch.log(s) for a, s in zip(alpha, sigma, strict=True)
         ]  # log-SNR / 2, +inf at sigma = 0
@@ -307,7 +347,12 @@ class DPMSolverPP2M(Solver):
         self.c_x, self.c_d0, self.c_d1, self.inv_r0 = (
             torch.stack(c).to(dtype) for c in (c_x, c_d0, c_d1, inv_r0)
         )
-        self._finish()
+
+    def _restrict(self, starts: list[int], ends: list[int]) -> None:
+        device = self.device
+        self._points = [self._points[k] for k in [*starts, ends[-1]]]
+        self._build(self._points)
+        self.to(device)
 
     def _x0(self, i: int, x: Tensor, model_output: Tensor) -> Tensor:
         if self.prediction_type == "epsilon":
@@ -346,6 +391,7 @@ def make_solver(
     solver: str | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    grid: Sequence[int] | None = None,
 ) -> Solver:
     """Build a graph-ready solver for ``num_steps`` steps from a diffusers scheduler or its config.
 
@@ -357,6 +403,8 @@ def make_solver(
             from the scheduler class is built like ``TargetScheduler.from_config(config)`` would be.
         device: device of the precomputed tensors (default CPU).
         dtype: dtype of the precomputed coefficients.
+        grid: a non-uniform grid: start indices into the ``num_steps``-step grid (`Solver.subset`); the
+            solver then takes ``len(grid)`` steps.
     """
     if isinstance(scheduler_or_config, Mapping):
         config, cls_name = dict(scheduler_or_config), scheduler_or_config.get("_class_name")
@@ -390,7 +438,22 @@ def make_solver(
             )
     scheduler = getattr(diffusers, target_cls_name).from_config(config)
     scheduler.set_timesteps(num_steps)
-    return solver_cls(scheduler, dtype=dtype, device=device)
+    full = solver_cls(scheduler, dtype=dtype, device=device)
+    return full if grid is None else full.subset(grid)
+
+
+def check_grid(starts: Any, num_steps: int) -> list[int]:
+    """``starts`` as a list of ints: 0 first, strictly increasing, each below ``num_steps``; else a
+    one-line ValueError."""
+    try:
+        out = [int(v) for v in starts]
+    except (TypeError, ValueError):
+        raise ValueError(f"grid: expected step indices like 0,2,4, got {starts!r}") from None
+    if not out or out[0] != 0 or any(b <= a for a, b in itertools.pairwise(out)) or out[-1] >= num_steps:
+        raise ValueError(
+            f"grid: expected increasing step indices from 0 below {num_steps} (the teacher's steps), got {out}"
+        )
+    return out
 
 
 def _vp_alpha_sigma(ve_sigma: Tensor) -> tuple[Tensor, Tensor]:

@@ -103,6 +103,11 @@ def enable(pipe: Any, weights: str | PathLike = "shipped") -> FeedbackLoop:
         )
     w = load_ilf_weights(weights_beside(str(weights), transformer))
     s = w.sampler
+    if s.get("grid"):
+        raise ValueError(
+            f"{weights}: these weights sample on a non-uniform grid (steps {s['grid']} of "
+            f"{s.get('teacher_steps')}), which pipe(...) cannot take; use ilf_runtime.sample or `ilf sample`"
+        )
     n = int(s.get("num_steps", 10))
     solver = s.get("solver")
     if solver is not None:

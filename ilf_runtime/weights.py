@@ -47,6 +47,7 @@ __all__ = [
     "load_ilf_weights",
     "metadata_hash",
     "read_metadata",
+    "sampler_grid",
     "save_file_atomic",
     "save_ilf_weights",
 ]
@@ -72,6 +73,7 @@ SAMPLER_FIELDS: dict[str, tuple[type, tuple]] = {
     "guidance_scale": (float, (0.0, 1e4)),
     "solver": (str, ()),
     "loop_steps": (str, ()),
+    "grid": (str, ()),  # comma-separated teacher step indices (a non-uniform grid on teacher_steps)
 }
 
 
@@ -254,7 +256,28 @@ def _type_name(v: Any) -> str:
     )
 
 
+def sampler_grid(sampler: dict[str, Any]) -> dict[str, Any]:
+    """The ``grid`` and ``grid_steps`` arguments of `pipelines.sample` that a file's sampler record
+    asks for (a non-uniform grid on its teacher's steps); {} for the scheduler's own spacing."""
+    spec = sampler.get("grid")
+    if not spec:
+        return {}
+    return {"grid": [int(v) for v in spec.split(",")], "grid_steps": int(sampler.get("teacher_steps") or 20)}
+
+
 def _check_sampler(sampler: dict[str, Any], where: str) -> None:
+    if sampler.get("grid"):
+        from ilf_runtime.solvers import check_grid
+
+        try:
+            starts = check_grid(str(sampler["grid"]).split(","), int(sampler.get("teacher_steps") or 20))
+        except (TypeError, ValueError) as e:
+            raise WeightsError(f"{where}: metadata 'sampler.grid': {e}") from None
+        if len(starts) != sampler.get("num_steps", len(starts)):
+            raise WeightsError(
+                f"{where}: metadata 'sampler.grid' has {len(starts)} steps, 'sampler.num_steps' is "
+                f"{sampler.get('num_steps')}"
+            )
     for key, (typ, allowed) in SAMPLER_FIELDS.items():
         if key not in sampler:
             continue

@@ -273,6 +273,7 @@ def test_each_shipped_weights_file_loads_into_its_model(model_name, weights_name
     the steps it was trained for without making them non-finite."""
     from ilf_runtime import apply_ilf, load_ilf_weights, remove_ilf, sample
     from ilf_runtime.registry import MODEL_NAMES, SHIPPED_WEIGHTS, load_model
+    from ilf_runtime.weights import sampler_grid
 
     folder = MODEL_NAMES[model_name][0]
     if not folder.is_dir():
@@ -302,6 +303,7 @@ def test_each_shipped_weights_file_loads_into_its_model(model_name, weights_name
     looped = sample(m, ilf=spec, **kw)
     assert torch.isfinite(looped.latents).all()
     assert looped.info["ilf"] == w.config.to_dict()
+    assert looped.info["grid"] == sampler_grid(sampler).get("grid")  # a file's own grid, where it has one
     assert (looped.latents - plain.latents).abs().max() > 1e-4
 
 

@@ -6,6 +6,7 @@ batches, and it refuses the states it cannot start from."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,21 @@ def test_final_loss_is_the_samplers_final_image_error(dit_dir, tmp_path, solver)
     expected = (x - traj[:, -1]).square().mean()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-9)
     assert float((plain - x).abs().max()) > 1e-4  # the loop changed the image the loss scores
+
+
+@pytest.mark.parametrize("solver", ["ddim", "dpmpp_2m"])
+def test_final_loss_from_noise_is_the_whole_samplers_error(dit_dir, tmp_path, solver):
+    # on-policy: the unlooped steps before the first looped one are the student's own, from the noise
+    d, model = _distiller(dit_dir, tmp_path, solver=solver, loop_steps="2", final_start="noise")
+    traj, cond = d.bank["x"][:4], d.conds.cond(d.bank["idx"][:4])
+    with torch.no_grad():
+        loss = d.final_loss(traj, cond)
+        x = denoise(model.transformer, traj[:, 0], d.S, cond, guidance_scale=d.guidance, loop_mask=d.mask)
+        teacher_start = replace(d.a, final_start="teacher")
+        d.a = teacher_start
+        other = d.final_loss(traj, cond)
+    torch.testing.assert_close(loss, (x - traj[:, -1]).square().mean(), rtol=1e-5, atol=1e-9)
+    assert abs(float(loss - other)) > 1e-9  # from the teacher's state at step 2 it is another loss
 
 
 def test_checkpointed_backward_equals_the_plain_backward(dit_dir, tmp_path, monkeypatch):

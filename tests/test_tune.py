@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from fixtures.tiny import ddim_scheduler, tiny_dit
+from fixtures.tiny import NUM_CLASSES, ddim_scheduler, tiny_dit
 
 from ilf_runtime.config import parse_step_spec
 from ilf_runtime.tune import Candidate, TuneArgs, baseline_candidate, rungs, search_space
@@ -161,3 +161,38 @@ def test_torchrun_deals_candidates_over_ranks_with_the_same_scores(dit8, tmp_pat
     assert b["scores"] == a["scores"]  # each candidate trained alone on its rank: the same numbers
     assert b["final"]["name"] == a["final"]["name"]
     assert load_ilf_weights(two / "feedback.safetensors").metadata["training"]["world_size"] == 2
+
+
+def test_grid_search_trains_candidates_on_the_grid_it_found(dit8, tmp_path, capsys):
+    from ilf_runtime.cli import main as cli
+    from ilf_runtime.metrics import paired_psnr
+    from ilf_runtime.pipelines import sample
+    from ilf_runtime.registry import load_model
+
+    out = tmp_path / "g"
+    argv = ["tune", "--model", dit8, "--out", str(out), *TINY, "--grid-search", "--grid-samples", "8",
+            "--candidates", "3", "--step-counts", "2,4"]  # fmt: skip
+    assert cli(argv) == 0
+    assert "grid of 4 steps" in capsys.readouterr().out
+    state = json.loads((out / "tune.json").read_text())
+    grids = state["grids"]
+    for c in (Candidate(**d) for d in state["candidates"]):
+        assert c.grid == ("" if c.baseline else grids[str(c.steps)]["spec"]), c
+    m = load_model(dit8)
+    for n, g in grids.items():
+        assert g["psnr"] >= g["uniform_psnr"] and len(g["grid"]) == int(n) and g["grid"][0] == 0
+        psnrs = [mv["psnr"] for mv in g["moves"]]
+        assert psnrs == sorted(psnrs) and (not psnrs or psnrs[-1] == g["psnr"])
+        # the score is what the plain sampler gets on that grid, recomputed here
+        kw = {
+            "seeds": [40_000_000 + j for j in range(8)],
+            "class_labels": [j % NUM_CLASSES for j in range(8)],
+        }
+        ref = sample(m, num_steps=8, **kw).images
+        got = sample(m, num_steps=int(n), grid=g["grid"], grid_steps=8, **kw).images
+        assert paired_psnr(got, ref)["psnr"] == pytest.approx(g["psnr"], abs=1e-6)
+    w = load_ilf_weights(out / "feedback.safetensors")
+    won = Candidate(**next(c for c in state["candidates"] if Candidate(**c).name == state["final"]["name"]))
+    assert w.sampler.get("grid", "") == won.grid
+    rows = list(csv.DictReader((out / "candidates.csv").read_text().splitlines()))
+    assert [r["grid"] for r in rows] == [Candidate(**c).grid for c in state["candidates"]]

@@ -25,6 +25,7 @@ __all__ = [
     "Row",
     "cache_setting",
     "default_rows",
+    "row_grid",
     "row_label",
     "weights_files",
 ]
@@ -168,6 +169,9 @@ class Row:
         loop_steps: the ILF loop's steps (None: the weights' own).
         cache: (family, setting string), built by `cache_families.cache_config` when run.
         fused: run with the fused block forward (`ilf_runtime.fused`), applied for this row only.
+        grid: a non-uniform grid (comma-separated teacher step indices, one per step) on the
+            ``grid_steps``-step grid; None: the scheduler's spacing.
+        grid_steps: the steps of the grid ``grid`` indexes.
     """
 
     method: str
@@ -178,6 +182,12 @@ class Row:
     loop_steps: str | None = None
     cache: tuple[str, str] | None = None
     fused: bool = False
+    grid: str | None = None
+    grid_steps: int = 20
+
+    @property
+    def grid_starts(self) -> list[int] | None:
+        return None if self.grid is None else [int(v) for v in self.grid.split(",")]
 
     @property
     def label(self) -> str:
@@ -186,7 +196,8 @@ class Row:
     @property
     def is_ref(self) -> bool:
         """A plain row of the eager model: the reference of its solver at ``ref_steps``."""
-        return self.method == "plain" and self.weights is None and self.cache is None and not self.fused
+        plain = self.method == "plain" and self.weights is None and self.cache is None
+        return plain and not self.fused and self.grid is None
 
     def spec(self) -> dict[str, Any]:
         """The fields as the JSON's ``row_specs`` keep them (``fused`` only where set, so that the
@@ -194,7 +205,18 @@ class Row:
         d = asdict(self)
         if not self.fused:
             del d["fused"]
+        if self.grid is None:
+            del d["grid"], d["grid_steps"]
         return d
+
+
+def row_grid(sampler: dict[str, Any]) -> dict[str, Any]:
+    """`Row` fields for a weights file's non-uniform grid ({} for the scheduler's spacing)."""
+    if not sampler.get("grid"):
+        return {}
+    from ilf_runtime.weights import sampler_grid
+
+    return {"grid": sampler["grid"], "grid_steps": sampler_grid(sampler)["grid_steps"]}
 
 
 def cache_setting(family: str, spec: str) -> str:
@@ -240,7 +262,8 @@ def default_rows(a: BenchArgs, weights: Sequence[str]) -> list[Row]:
     for w in weights if "ilf" in fams or "ilf+cache" in fams else []:
         s = read_metadata(w).get("sampler") or {}
         steps, solver, ls = int(s.get("num_steps", 10)), s.get("solver", solvers[0]), s.get("loop_steps")
-        ilf_rows.append(Row("ilf", f"{Path(w).stem} loop {ls or 'default'}", solver, steps, w, ls))
+        setting = f"{Path(w).stem} loop {ls or 'default'}" + (f" grid {s['grid']}" if s.get("grid") else "")
+        ilf_rows.append(Row("ilf", setting, solver, steps, w, ls, **row_grid(s)))
     main_solver = ilf_rows[0].solver if ilf_rows else solvers[0]
     # the main solver's reference row comes first: the report's plot and tables take it as the main one
     solvers = [main_solver] + [s for s in solvers if s != main_solver]
@@ -248,6 +271,9 @@ def default_rows(a: BenchArgs, weights: Sequence[str]) -> list[Row]:
     rows = [Row("plain", "", s, a.ref_steps) for s in solvers]
     if "plain" in fams:
         rows += [Row("plain", "", s, n) for s in solvers for n in steps]
+    if "plain" in fams:  # plain sampling on each non-uniform grid an ILF file uses: its share of the gain
+        grids = {(r.solver, r.steps, r.grid, r.grid_steps) for r in ilf_rows if r.grid}
+        rows += [Row("plain", f"grid {g}", s, n, grid=g, grid_steps=gs) for s, n, g, gs in sorted(grids)]
     if "ilf" in fams:
         rows += ilf_rows
     for fam in cache_families.FAMILIES:

@@ -19,7 +19,7 @@ import torch
 from ilf_runtime import caches
 from ilf_runtime.bench import report
 from ilf_runtime.bench.machine import CpuWatch, progress_bar, timing_threads
-from ilf_runtime.bench.plan import BenchArgs, Row, default_rows, weights_files
+from ilf_runtime.bench.plan import BenchArgs, Row, default_rows, row_grid, weights_files
 from ilf_runtime.registry import DTYPES
 
 logger = logging.getLogger(__name__)
@@ -136,6 +136,8 @@ class Runner:
         return sample(
             self.model,
             num_steps=row.steps,
+            grid=row.grid_starts,
+            grid_steps=row.grid_steps,
             solver=row.solver,
             seeds=seeds,
             guidance_scale=self.guidance,
@@ -467,7 +469,7 @@ def side_by_side(
     runner.weights(str(weights), loaded=w)
     panels = [
         (f"plain {ref_steps} steps", Row("plain", "", solver, ref_steps)),
-        (f"ILF {steps} steps", Row("ilf", "", solver, steps, str(weights), ls)),
+        (f"ILF {steps} steps", Row("ilf", "", solver, steps, str(weights), ls, **row_grid(s))),
         (f"plain {equal_steps} steps (equal cost)", Row("plain", "", solver, equal_steps)),
     ]  # a solver of None (the weights record none): the model's scheduler for all three
     idx = range(n)

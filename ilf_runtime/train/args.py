@@ -8,7 +8,7 @@ from typing import Any
 
 from ilf_runtime.cliargs import add_dataclass_arguments, from_namespace
 from ilf_runtime.config import ILFConfig
-from ilf_runtime.solvers import SOLVERS
+from ilf_runtime.solvers import SOLVERS, check_grid
 
 __all__ = ["PRESETS", "TARGETS", "TrainArgs", "add_arguments", "args_from_namespace", "flat_args"]
 
@@ -25,7 +25,10 @@ class TrainArgs:
         out: run directory (checkpoint, logs, weights file).
         loop: the `ILFConfig` of the loop; its ``loop_steps`` refers to the student grid.
         steps: student sampling steps.
-        teacher_steps: plain sampler steps of the teacher; a multiple of ``steps``.
+        teacher_steps: plain sampler steps of the teacher; a multiple of ``steps`` unless ``grid`` is given.
+        grid: the student's steps on the teacher's grid, as the teacher step each one starts at
+            (comma-separated, from 0, ``steps`` of them; e.g. ``0,2,4,6,8,10,12,14,17,19``: shorter steps
+            near the end); empty: every (teacher_steps / steps)th point, the scheduler's own spacing.
         solver: ``ddim`` or ``dpmpp_2m`` (default: the model's scheduler).
         guidance: guidance scale of teacher and student (default: the model's).
         target: ``trajectory``, ``fast``, ``final`` or a ``+`` combination. ``final``: from the
@@ -34,6 +37,10 @@ class TrainArgs:
             final image against the teacher's (x space: the paired PSNR the benchmarks measure).
         fast_weight: weight of the ``fast`` term when combined.
         final_weight: weight of the ``final`` term when combined.
+        final_start: where the ``final`` target's student run starts: ``teacher`` (the teacher's state at
+            the first looped step) or ``noise`` (the bank trajectory's noise, the unlooped steps before
+            the first looped one taken by the student itself without gradient: on-policy, the states
+            sampling meets, whose errors a schedule's later steps may cancel).
         feature_weight: weight of the feature loss on the loop output (0: off).
         loss_space: ``eps`` (landing error over the output coefficient) or ``x`` (landing error).
         unroll: consecutive student steps per loss, with gradients through the student's states.
@@ -78,11 +85,13 @@ class TrainArgs:
     loop: ILFConfig = field(default_factory=lambda: ILFConfig(loop_start=4, loop_end=6, loop_steps="last:5"))
     steps: int = 10
     teacher_steps: int = 20
+    grid: str = ""
     solver: str | None = field(default=None, metadata={"choices": tuple(SOLVERS)})
     guidance: float | None = None
     target: str = "trajectory"
     fast_weight: float = 1.0
     final_weight: float = 1.0
+    final_start: str = field(default="teacher", metadata={"choices": ("teacher", "noise")})
     feature_weight: float = 0.0
     loss_space: str = field(default="eps", metadata={"choices": ("eps", "x")})
     unroll: int = 1
@@ -119,9 +128,14 @@ class TrainArgs:
             raise ValueError(
                 f"target must be {' / '.join(TARGETS)} or a '+' combination, got {self.target!r}"
             )
+        if self.grid:
+            starts = check_grid(self.grid.replace(" ", "").split(","), self.teacher_steps)
+            if len(starts) != self.steps:
+                raise ValueError(f"grid: {len(starts)} steps given ({self.grid}) but steps is {self.steps}")
         checks = {
             "steps": self.steps >= 1,
-            "teacher_steps": self.teacher_steps >= self.steps and self.teacher_steps % self.steps == 0,
+            "teacher_steps": self.teacher_steps >= self.steps
+            and (bool(self.grid) or self.teacher_steps % self.steps == 0),
             "unroll": self.unroll >= 1,
             "rollout": self.rollout >= 0,
             "train_steps": self.train_steps >= 1,
@@ -130,6 +144,7 @@ class TrainArgs:
             "ema": 0.0 <= self.ema < 1.0,
             "loss_space": self.loss_space in ("eps", "x"),
             "states": self.states in ("data", "teacher"),
+            "final_start": self.final_start in ("teacher", "noise"),
             "ckpt_every": self.ckpt_every >= 1,
             "val_samples": self.val_samples >= 2,
         }
@@ -137,7 +152,7 @@ class TrainArgs:
         if bad:
             raise ValueError(
                 f"invalid training arguments: {', '.join(bad)} (teacher_steps must be a multiple of steps; "
-                f"loss_space eps|x; states data|teacher; ema in [0, 1))"
+                f"loss_space eps|x; states data|teacher; final_start teacher|noise; ema in [0, 1))"
             )
 
     @classmethod
@@ -149,6 +164,11 @@ class TrainArgs:
     @property
     def targets(self) -> list[str]:
         return self.target.split("+")
+
+    @property
+    def grid_starts(self) -> list[int] | None:
+        """The student's steps as teacher step indices (None: the uniform grid)."""
+        return [int(v) for v in self.grid.split(",")] if self.grid else None
 
 
 def flat_args(args: TrainArgs | dict[str, Any]) -> dict[str, Any]:

@@ -85,15 +85,20 @@ class Distiller:
         self.tf = model.transformer
         dev = model.device
         self.guidance = model.guidance if a.guidance is None else a.guidance
-        self.S = make_solver(model.scheduler, a.steps, solver=a.solver, device=dev)
         self.T = make_solver(model.scheduler, a.teacher_steps, solver=a.solver, device=dev)
-        self.k = a.teacher_steps // a.steps
-        ts, tt = self.S.timesteps.tolist(), self.T.timesteps.tolist()
-        if tt[:: self.k] != ts:
-            raise ValueError(
-                f"the student's {a.steps}-step grid {ts} is not every {self.k}th point of the teacher's "
-                f"{a.teacher_steps}-step grid {tt}; use timestep_spacing='trailing'"
-            )
+        if a.grid_starts is not None:  # a non-uniform grid: the student's steps are spans of the teacher's
+            self.S = self.T.subset(a.grid_starts)
+            self.spans = list(zip(a.grid_starts, [*a.grid_starts[1:], a.teacher_steps], strict=True))
+        else:
+            self.S = make_solver(model.scheduler, a.steps, solver=a.solver, device=dev)
+            k = a.teacher_steps // a.steps
+            ts, tt = self.S.timesteps.tolist(), self.T.timesteps.tolist()
+            if tt[::k] != ts:
+                raise ValueError(
+                    f"the student's {a.steps}-step grid {ts} is not every {k}th point of the teacher's "
+                    f"{a.teacher_steps}-step grid {tt}; use timestep_spacing='trailing'"
+                )
+            self.spans = [(i * k, (i + 1) * k) for i in range(a.steps)]  # student step i: teacher steps
         self.mask = loop.config.step_mask(a.steps)
         if not any(self.mask):
             raise ValueError(f"loop_steps={a.loop.loop_steps!r} loops no step of {a.steps}: nothing to train")
@@ -141,6 +146,11 @@ class Distiller:
         finally:
             self.loop.active = True
 
+    def span(self, i: int) -> tuple[int, int]:
+        """Student step i as (first teacher step, number of teacher steps)."""
+        lo, hi = self.spans[i]
+        return lo, hi - lo
+
     def teacher_run(
         self, x: torch.Tensor, j0: int, n: int, cond: Conditioning, state: SolverState
     ) -> torch.Tensor:
@@ -183,7 +193,8 @@ class Distiller:
                 bank_id,
                 a.prompt_embeds,
                 a.prompts,
-            ],
+            ]
+            + ([a.grid] if a.grid else []),  # (uniform grids keep the keys of earlier banks)
             sort_keys=True,
             default=str,
         )
@@ -217,7 +228,7 @@ class Distiller:
             x = make_noise(seeds[lo:hi], self.m.latent_shape, device=self.m.device, dtype=self.m.dtype)
             st, traj = self.T.init_state(), [x]
             for i in range(a.steps):
-                x = self.teacher_run(x, i * self.k, self.k, cond, st)
+                x = self.teacher_run(x, *self.span(i), cond, st)
                 traj.append(x)
             xs.append(torch.stack(traj, 1))  # (b, steps + 1, C, H, W)
         self.bank = {"x": torch.cat(xs), "idx": idx}
@@ -285,7 +296,7 @@ class Distiller:
             else:
                 targets, xt = [], x
                 for u in range(a.unroll):
-                    xt = self.teacher_run(xt, (i0 + u) * self.k, self.k, cond, t_state)
+                    xt = self.teacher_run(xt, *self.span(i0 + u), cond, t_state)
                     targets.append(xt)
         cap: dict[str, torch.Tensor] = {}
         hook = None
@@ -315,12 +326,19 @@ class Distiller:
 
     def final_loss(self, traj: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The student's final image against the teacher's, from the teacher's state at the first
-        looped step through the rest of the schedule; each step's model call is recomputed in the
-        backward pass (activation checkpointing), so memory holds one step's activations."""
+        looped step (``final_start`` noise: from the student's own state there) through the rest of the
+        schedule; each step's model call is recomputed in the backward pass (activation checkpointing),
+        so memory holds one step's activations."""
         f = self.mask.index(True)
-        x, state = traj[:, f], self.S.init_state()
+        state = self.S.init_state()
         with torch.no_grad():
-            self.student_history(f, traj, cond, state)
+            if self.a.final_start == "noise":  # on-policy: the student's own unlooped steps up to f
+                x = traj[:, 0]
+                for i in range(f):
+                    x = self.S.step(i, x, self.student(i, x, cond), state)
+            else:
+                x = traj[:, f]
+                self.student_history(f, traj, cond, state)
         for i in range(f, self.a.steps):
             out = activation_checkpoint.checkpoint(self.student, i, x, cond, use_reentrant=False)
             x = self.S.step(i, x, out, state)

@@ -289,7 +289,7 @@ class Trainer:
                 "loop_steps": a.loop.loop_steps,
                 "guidance_scale": self.d.guidance,
                 "teacher_steps": a.teacher_steps,
-            }
+            } | ({"grid": a.grid} if a.grid else {})
             save_ilf_weights(self.out / WEIGHTS, self.tf, sampler=sampler, training=training)
             result |= {"weights": str(self.out / WEIGHTS), "validation": r, "rank_digests": digests}
             (self.out / "summary.json").write_text(json.dumps(result, indent=1))

@@ -33,27 +33,31 @@ class Validator:
         self.plain = {s: self._psnr(self._images(s, "none")) for s in sorted({a.steps, self.equal_steps})}
 
     def _images(self, steps: int, loop_steps: str) -> torch.Tensor | None:
+        # the student's own step count runs on its grid (non-uniform or not), any other uniformly
+        grid = self.a.grid_starts if steps == self.a.steps else None
         if loop_steps != "none":
-            return self._sample(steps, loop_steps)
+            return self._sample(steps, loop_steps, grid)
         # the world size too: sampling sharded over the ranks is a collective, so a rank must never skip
         # it on a hit left from sampling alone (`ilf tune`'s candidates) while another rank samples
         key = (steps, self.d.S.name, self.d.guidance, self.a.val_prompts, self.a.prompts, tuple(self.seeds),
-               self.info.world_size)  # fmt: skip
+               self.info.world_size) + ((tuple(grid),) if grid else ())  # fmt: skip
         if key not in self.cache:
-            self.cache[key] = self._sample(steps, loop_steps)
+            self.cache[key] = self._sample(steps, loop_steps, grid)
         return self.cache[key]
 
     def plain_psnr(self, steps: int) -> dict[str, Any] | None:
         """Paired PSNR of the plain sampler at `steps` on the validation set (rank 0; else None)."""
         return self._psnr(self._images(steps, "none"))
 
-    def _sample(self, steps: int, loop_steps: str) -> torch.Tensor | None:
+    def _sample(self, steps: int, loop_steps: str, grid: list[int] | None) -> torch.Tensor | None:
         from ilf_runtime.pipelines import sample
 
         mine = list(shard(len(self.seeds), self.info))
         out = sample(
             self.m,
             num_steps=steps,
+            grid=grid,
+            grid_steps=self.a.teacher_steps,
             seeds=[self.seeds[j] for j in mine],
             solver=self.d.S.name,
             guidance_scale=self.d.guidance,

@@ -69,6 +69,7 @@ def _train_args(a: TuneArgs, w: Any, spec: str, out: Path, fresh: bool) -> Any:
     return TrainArgs(
         model=a.model, out=str(out / "finetune"), loop=replace(w.config, loop_steps=spec),
         steps=int(s.get("num_steps", 10)), teacher_steps=int(s.get("teacher_steps") or a.teacher_steps),
+        grid=str(s.get("grid") or ""),
         solver=a.solver or s.get("solver"), guidance=a.guidance if a.guidance is not None else s.get("guidance_scale"),
         states=a.states, bank_size=a.bank_size, bank_cache=str(out / "banks"), prompts=a.prompts,
         val_prompts=a.val_prompts, init_weights=a.from_weights, train_steps=max(1, a.final_steps),

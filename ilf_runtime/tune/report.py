@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["CSV_FIELDS", "plot_frontier", "write_csv"]
 
 CSV_FIELDS = (
-    "name", "steps", "loop_start", "loop_end", "loop_steps", "loop_iters", "feedback_init", "block_evals",
+    "name", "steps", "grid", "loop_start", "loop_end", "loop_steps", "loop_iters", "feedback_init", "block_evals",
     "baseline", "rung", "train_steps", "psnr", "psnr_se", "gain_db", "gain_se", "equal_cost_steps", "status",
 )  # fmt: skip
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields, replace
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ilf_runtime.tune.space import (
     Candidate,
@@ -50,8 +52,11 @@ class Search:
             shutil.rmtree(self.out / "runs", ignore_errors=True)
         if f.exists() and a.resume:
             state = json.loads(f.read_text())
-            if state.get("args") != mine:
-                diff = sorted(k for k in mine if state.get("args", {}).get(k) != mine[k])
+            # a flag added since the search began reads as its default in the stored arguments
+            stored = {f.name: f.default for f in fields(TuneArgs) if f.default is not MISSING}
+            stored |= state.get("args", {})
+            if any(stored.get(k) != v for k, v in mine.items()):
+                diff = sorted(k for k in mine if stored.get(k) != mine[k])
                 raise ValueError(f"{f} was written with different arguments: {', '.join(diff)}")
             return state
         space = search_space(a, self.layers)
@@ -63,8 +68,34 @@ class Search:
                 "raise --budget or lower --speedup"
             )
         chosen = pick_candidates(space, a.candidates, a.seed)
+        grids = {}
+        if a.grid_search:  # every candidate but the hand-set baseline trains on its step count's grid
+            grids = self._grids(sorted({c.steps for c in chosen if not c.baseline}))
+            chosen = [c if c.baseline else replace(c, grid=grids[str(c.steps)]["spec"]) for c in chosen]
         return {"args": mine, "budget": self.budget, "layers": self.layers, "space_size": len(space),
-                "candidates": [asdict(c) for c in chosen], "scores": {}, "final": None}  # fmt: skip
+                "grids": grids, "candidates": [asdict(c) for c in chosen], "scores": {},
+                "final": None}  # fmt: skip
+
+    def _grids(self, step_counts: list[int]) -> dict[str, dict[str, Any]]:
+        """`tune.grid.search_grid` for each step count, on rank 0, shared with every rank."""
+        from ilf_runtime.distributed import all_gather_objects
+        from ilf_runtime.train.distill import CondSource
+        from ilf_runtime.tune.grid import search_grid
+
+        a, out = self.a, {}
+        if self.info.is_main:
+            cond = CondSource(self.model, self.train_args(Candidate(1, 0, 0, "all"), fresh=True))
+            seeds = [a.grid_seed + j for j in range(a.grid_samples)]
+            kw = cond.sample_kwargs(torch.arange(len(seeds)) % cond.n)
+            for n in step_counts:
+                r = search_grid(self.model, steps=n, teacher_steps=a.teacher_steps, seeds=seeds, sample_kwargs=kw,
+                                solver=a.solver, guidance=a.guidance)  # fmt: skip
+                out[str(n)] = r | {"spec": ",".join(map(str, r["grid"]))}
+                print(
+                    f"grid of {n} steps: {r['grid']}: plain {r['uniform_psnr']:.2f} -> {r['psnr']:.2f} dB "
+                    f"({r['tries']} tries on {len(seeds)} held-out images)", flush=True
+                )  # fmt: skip
+        return all_gather_objects(out, self.info)[0]
 
     def save(self) -> None:
         if self.info.is_main:
@@ -83,7 +114,7 @@ class Search:
         a = self.a
         return TrainArgs(
             model=a.model, out=str(self.out / "runs" / c.name), loop=c.config(), steps=c.steps,
-            teacher_steps=a.teacher_steps, solver=a.solver, guidance=a.guidance, states=a.states,
+            teacher_steps=a.teacher_steps, grid=c.grid, solver=a.solver, guidance=a.guidance, states=a.states,
             bank_size=a.bank_size, bank_cache=str(self.out / "banks"), prompts=a.prompts,
             val_prompts=a.val_prompts, train_steps=a.final_steps, batch_size=a.batch_size, lr=a.lr,
             warmup=min(a.warmup, a.final_steps - 1), ema=a.ema, seed=a.seed, ckpt_every=10**9,

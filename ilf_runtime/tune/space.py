@@ -56,6 +56,11 @@ class TuneArgs:
         patterns: where the looped steps go: last (the last K steps) and/or spread (K steps spread
             evenly over the grid, ending on the last).
         inits: feedback block initialisations: copy (a copy of the loop's last block) and/or random.
+        grid_search: before the search, move each step count's steps on the teacher's grid to where
+            the plain sampler scores best on grid_samples held-out seeds (training-free, `tune.grid`), and
+            train every candidate but the hand-set baseline on that grid.
+        grid_samples: images the grid search scores each try on.
+        grid_seed: first seed of those images (apart from the scoring seeds and the benchmarks').
         candidates: at most this many candidates (the baseline plus a seeded sample of the space).
         eta: successive halving keeps the best 1/eta of the candidates after each rung.
         min_steps: training steps of the first rung; rung r trains to min_steps x eta^r.
@@ -91,6 +96,9 @@ class TuneArgs:
     iters: list[int] = field(default_factory=lambda: [1], metadata={"type": _ints})
     patterns: list[str] = field(default_factory=lambda: ["last", "spread"], metadata={"type": _strs})
     inits: list[str] = field(default_factory=lambda: ["copy"], metadata={"type": _strs})
+    grid_search: bool = False
+    grid_samples: int = 128
+    grid_seed: int = 40_000_000
     candidates: int = 12
     eta: int = 2
     min_steps: int = 100
@@ -134,6 +142,7 @@ class TuneArgs:
                 ("--inits", self.inits, bool(self.inits) and set(self.inits) <= {"copy", "random"}),
                 ("--step-counts", self.step_counts, all(s >= 1 for s in self.step_counts)),
                 ("--val-samples", self.val_samples, self.val_samples >= 2),
+                ("--grid-samples", self.grid_samples, self.grid_samples >= 2),
             )
             if not ok
         ]
@@ -159,12 +168,15 @@ class Candidate:
     loop_iters: int = 1
     feedback_init: str = "copy"
     baseline: bool = False
+    grid: str = ""  # the student's steps on the teacher's grid (`TrainArgs.grid`; "": uniform)
 
     @property
     def name(self) -> str:
         spec = self.loop_steps.replace(":", "").replace(",", ".")
+        grid = f"-g{self.grid.replace(',', '.')}" if self.grid else ""
         return (
             f"s{self.steps}-b{self.loop_start}-{self.loop_end}-{spec}-i{self.loop_iters}-{self.feedback_init}"
+            + grid
         )
 
     def config(self) -> ILFConfig:
