@@ -10,8 +10,6 @@ from dataclasses import MISSING, asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ilf_runtime.tune.space import (
     Candidate,
     TuneArgs,
@@ -78,6 +76,8 @@ class Search:
 
     def _grids(self, step_counts: list[int]) -> dict[str, dict[str, Any]]:
         """`tune.grid.search_grid` for each step count, on rank 0, shared with every rank."""
+        import torch
+
         from ilf_runtime.distributed import all_gather_objects
         from ilf_runtime.train.distill import CondSource
         from ilf_runtime.tune.grid import search_grid
