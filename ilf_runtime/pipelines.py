@@ -72,18 +72,17 @@ def _check_args(num_steps: Any, guidance_scale: Any, class_labels: Any, batch_si
             raise ValueError(f"class_labels must be integer class ids, got {bad[0]!r}")
 
 
-def _weights_grid(path: str | PathLike, num_steps: int, grid_steps: int) -> tuple[list[int] | None, int]:
-    """The non-uniform grid a weights file was distilled on, where it is sampled at its own step count."""
-    from ilf_runtime.weights import read_metadata, sampler_grid
+def _weights_grid(w: Any, num_steps: int, grid_steps: int) -> tuple[list[int] | None, int]:
+    """The non-uniform grid a loaded weights file was distilled on, where it is sampled at its own step count."""
+    from ilf_runtime.weights import sampler_grid
 
-    s = read_metadata(path).get("sampler") or {}
-    g = sampler_grid(s)
+    s, g = w.sampler, sampler_grid(w.sampler)
     if not g:
         return None, grid_steps
     if num_steps != s.get("num_steps"):
         logger.warning(
             "%s was distilled on the grid %s of %s steps; %d steps sample on the scheduler's own spacing",
-            path, s["grid"], g["grid_steps"], num_steps,
+            w.path, s["grid"], g["grid_steps"], num_steps,
         )  # fmt: skip
         return None, grid_steps
     return g["grid"], g["grid_steps"]
@@ -187,7 +186,11 @@ def sample(
         if get_ilf(m.transformer) is not None:
             raise RuntimeError("the model already carries an ILF loop; pass ilf=None or remove it first")
         spec = weights_beside(ilf, m.transformer, m.name)
-        if grid is None and isinstance(spec, (str, PathLike)):
+        if isinstance(spec, (str, PathLike)):  # read once: its loop and its grid
+            from ilf_runtime.weights import load_ilf_weights
+
+            spec = load_ilf_weights(spec)
+        if grid is None and not isinstance(spec, ILFConfig):
             grid, grid_steps = _weights_grid(spec, num_steps, grid_steps)
         attached = apply_ilf(m.transformer, spec)
     loop = get_ilf(m.transformer)
