@@ -400,15 +400,16 @@ def cmd_info(args: InfoArgs) -> int:
 
 
 def shipped_summary(path: str | Path) -> str:
-    """One line on what a shipped weights file targets: solver, steps, looped steps, block
+    """One line on what a shipped weights file targets: solver, steps (and grid), looped steps, block
     evaluations per image and the validation gain over plain sampling at equal cost."""
     from ilf_runtime.weights import read_metadata
 
     meta = read_metadata(path)
     s, v = meta.get("sampler") or {}, (meta.get("training") or {}).get("validation") or {}
     text = (
-        f"{s.get('solver') or 'model scheduler'}, {s.get('num_steps', '?')} steps, "
-        f"loop {s.get('loop_steps') or meta['ilf_config'].get('loop_steps')}"
+        f"{s.get('solver') or 'model scheduler'}, {s.get('num_steps', '?')} steps"
+        + (f" on the grid {s['grid']}" if s.get("grid") else "")
+        + f", loop {s.get('loop_steps') or meta['ilf_config'].get('loop_steps')}"
     )
     if s.get("guidance_scale") not in (None, 1.0):
         text += f", guidance {s['guidance_scale']}"

@@ -59,8 +59,8 @@ def _edit_json(field: str, **changes):
 
 # -- weights files ----------------------------------------------------------------------------------
 def test_shipped_version_1_files_still_load():
-    # The three files shipped before format 2 must keep loading under the current reader.
-    version_1 = {"feedback.safetensors", "feedback-dpmpp.safetensors", "feedback-aggressive.safetensors"}
+    # The files shipped before format 2 must keep loading under the current reader.
+    version_1 = {"feedback.safetensors", "feedback-dpmpp.safetensors"}
     files = sorted((ASSETS / "fashion-dit").glob("feedback*.safetensors"))
     assert version_1 <= {f.name for f in files}
     loaded = {f.name: load_ilf_weights(f) for f in files}

@@ -19,7 +19,11 @@ def test_models_lists_shipped_weights_with_their_targets(capsys):
     out = capsys.readouterr().out
     assert "fashion-dit:" in out and "tiny-random:" in out
     line = next(ln for ln in out.splitlines() if "--weights shipped:aggressive" in ln)
-    assert "ddim, 5 steps, loop all" in line and "block evals/image" in line and "dB over plain" in line
+    assert (
+        "ddim, 6 steps on the grid 0,3,8,11,15,18, loop last:4" in line
+        and "block evals/image" in line
+        and "dB over plain" in line
+    )
     assert main(["models", "--name", "tiny-random"]) == 0
     assert "no shipped feedback weights" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:

@@ -51,7 +51,7 @@ SPECIAL = {
     "loss_space": "x", "states": "teacher", "methods": "plain,ilf", "solvers": "ddim", "sweep": "fora=2",
     "plain_steps": "10,12", "classes": "1,2", "dtype": "bf16", "device": "cpu", "solver": "dpmpp_2m",
     "model": "tiny-random", "ema": "0.5", "per_class": "3", "batch_size": "7", "file": "f.safetensors",
-    "grid": "0,2,4,6,8,10,12,14,17,19",
+    "grid": "0,2,4,6,8,10,12,14,17,19", "plain_grid": "0,3,6,9,13,16,19",
 }  # fmt: skip
 
 

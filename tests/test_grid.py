@@ -126,12 +126,12 @@ def test_bank_states_sit_on_the_grid(dit_dir, tmp_path):
         st, y = d.T.init_state(), x[:4, 0]
         for j in range(6):
             y = d.T.step(j, y, d.teacher(y, d.T.timesteps[j], cond), st)
-            if j + 1 in (1, 4, 6):
-                torch.testing.assert_close(y, x[:4, {1: 1, 4: 2, 6: 3}[j + 1]])
+            if j + 1 in (1, 4, 6):  # the bank ran in larger batches: fp32 GEMM rounding differs by CPU
+                torch.testing.assert_close(y, x[:4, {1: 1, 4: 2, 6: 3}[j + 1]], rtol=1e-3, atol=1e-3)
         full = denoise(
             model.transformer, x[:4, 0], d.T, cond, guidance_scale=d.guidance, loop_mask=[False] * 6
         )
-    torch.testing.assert_close(full, x[:4, -1])
+    torch.testing.assert_close(full, x[:4, -1], rtol=1e-3, atol=1e-3)
 
 
 def test_weights_trained_on_a_grid_sample_on_it(dit_dir, tmp_path, caplog):
@@ -154,6 +154,29 @@ def test_weights_trained_on_a_grid_sample_on_it(dit_dir, tmp_path, caplog):
     grid_rows = [r for r in rows if r.grid == "0,1,4"]
     assert {r.method for r in grid_rows} == {"plain", "ilf"}
     assert all(r.grid_steps == 6 and not r.is_ref for r in grid_rows)
+
+
+def test_bench_plain_grid_rows_and_bad_grids():
+    # a searched grid without weights: `ilf bench --plain-grid G` (repeatable) adds a plain row on it
+    import argparse
+
+    from ilf_runtime.bench import add_arguments
+
+    a = BenchArgs(
+        solvers="dpmpp_2m", methods="plain", plain_steps="7", plain_grid=["0, 3,6,9,13,16,19", "0,4,8"]
+    )
+    rows = default_rows(a, [])
+    grid_rows = {r.grid: r for r in rows if r.grid}
+    assert set(grid_rows) == {"0,3,6,9,13,16,19", "0,4,8"}
+    assert [grid_rows["0,4,8"].steps, grid_rows["0,4,8"].grid_steps] == [3, 20]
+    assert all(r.method == "plain" and r.solver == "dpmpp_2m" and not r.is_ref for r in grid_rows.values())
+    for bad in ("1,3,5", "0,5,5", "0,3,20", "0,x"):
+        with pytest.raises(ValueError, match="plain_grid: grid: expected"):
+            BenchArgs(plain_grid=[bad])
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    ns = p.parse_args(["--plain-grid", "0,3,6", "--plain-grid", "0,2"])
+    assert ns.plain_grid == ["0,3,6", "0,2"]
 
 
 def test_a_bad_grid_in_the_metadata_is_refused(dit_dir, tmp_path):

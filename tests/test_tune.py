@@ -49,7 +49,7 @@ def test_baseline_is_the_hand_set_rule_of_the_shipped_model():
     # fashion-dit's shipped loop: 10 steps, blocks 5-6, copy of 6, the last 8 steps (144 evaluations)
     assert baseline_candidate(12, 144, 20) == Candidate(10, 5, 6, "last:8", baseline=True)
     assert baseline_candidate(12, 132, 20) == Candidate(10, 5, 6, "last:4", baseline=True)
-    # the shipped aggressive loop: 5 steps, every one looped (75 evaluations)
+    # the first aggressive loop (5 steps, every one looped, 75 evaluations; since replaced by a grid file)
     assert baseline_candidate(12, 84, 20) == Candidate(5, 5, 6, "all", baseline=True)
     assert baseline_candidate(12, 120, 20) == Candidate(5, 5, 6, "all", baseline=True)  # 10 steps leave none
     assert baseline_candidate(12, 50, 20) == Candidate(2, 5, 6, "all", baseline=True)

@@ -58,6 +58,9 @@ class BenchArgs:
         ref_steps: steps of the plain reference row: paired PSNR and speed-up are against it.
         cache_steps: steps of the cache rows.
         sweep: per-family overrides of the default settings, ``FAMILY=V1,V2``.
+        plain_grid: extra plain rows of the first solver on non-uniform grids, each the teacher step
+            every step starts at on the ``ref_steps``-step grid (``0,3,6,9,13,16,19``; what
+            ``ilf tune --grid-search`` finds), so that a training-free searched grid is a row.
         per_class: images per class (DiT) or per prompt (PixArt) for the quality columns.
         prompt: PixArt prompts (through the pipeline's text encoder).
         prompt_embeds: PixArt prompt embeddings file (safetensors: prompt_embeds [, masks, negative_*]).
@@ -92,6 +95,7 @@ class BenchArgs:
     ref_steps: int = 20
     cache_steps: int = 20
     sweep: list[str] = field(default_factory=list)
+    plain_grid: list[str] = field(default_factory=list)
     per_class: int = 200
     prompt: list[str] = field(default_factory=list)
     prompt_embeds: str | None = None
@@ -129,6 +133,12 @@ class BenchArgs:
             raise ValueError("time_batch, repeats, subsets and ref_steps must be >= 1")
         if self.fused and self.fused_rows:
             raise ValueError("fused (every row fused) and fused_rows (eager and fused twins) are exclusive")
+        try:
+            self.plain_grid = [
+                ",".join(map(str, solvers.check_grid(g.split(","), self.ref_steps))) for g in self.plain_grid
+            ]
+        except ValueError as e:
+            raise ValueError(f"plain_grid: {e}") from None
 
     @property
     def method_list(self) -> list[str]:
@@ -273,6 +283,7 @@ def default_rows(a: BenchArgs, weights: Sequence[str]) -> list[Row]:
         rows += [Row("plain", "", s, n) for s in solvers for n in steps]
     if "plain" in fams:  # plain sampling on each non-uniform grid an ILF file uses: its share of the gain
         grids = {(r.solver, r.steps, r.grid, r.grid_steps) for r in ilf_rows if r.grid}
+        grids |= {(main_solver, len(g.split(",")), g, a.ref_steps) for g in a.plain_grid}
         rows += [Row("plain", f"grid {g}", s, n, grid=g, grid_steps=gs) for s, n, g, gs in sorted(grids)]
     if "ilf" in fams:
         rows += ilf_rows
