@@ -58,9 +58,10 @@ class BenchArgs:
         ref_steps: steps of the plain reference row: paired PSNR and speed-up are against it.
         cache_steps: steps of the cache rows.
         sweep: per-family overrides of the default settings, ``FAMILY=V1,V2``.
-        plain_grid: extra plain rows of the first solver on non-uniform grids, each the teacher step
-            every step starts at on the ``ref_steps``-step grid (``0,3,6,9,13,16,19``; what
-            ``ilf tune --grid-search`` finds), so that a training-free searched grid is a row.
+        plain_grid: extra plain rows of the main solver (the first ILF file's, else the first of
+            ``solvers``) on non-uniform grids, each the teacher step every step starts at on the
+            ``ref_steps``-step grid (``0,3,6,9,13,16,19``; what ``ilf tune --grid-search`` finds), so
+            that a training-free searched grid is a row.
         per_class: images per class (DiT) or per prompt (PixArt) for the quality columns.
         prompt: PixArt prompts (through the pipeline's text encoder).
         prompt_embeds: PixArt prompt embeddings file (safetensors: prompt_embeds [, masks, negative_*]).
@@ -256,7 +257,8 @@ def weights_files(a: BenchArgs) -> tuple[list[str], list[str]]:
 
 
 def default_rows(a: BenchArgs, weights: Sequence[str]) -> list[Row]:
-    """The rows of a run: plain per solver and step count, ILF per weights file, each cache setting,
+    """The rows of a run: plain per solver and step count (and on each ILF file's grid and each
+    ``plain_grid``), ILF per weights file, each cache setting,
     ILF with a cache. The main solver's reference row (plain at ``ref_steps``) comes first, the other
     solvers' next. With ``fused_rows``, each plain and ILF row is followed by its fused twin."""
     from ilf_runtime.weights import read_metadata
