@@ -7,6 +7,7 @@ those variables everything runs as a single process and the collectives are no-o
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from dataclasses import dataclass, field
@@ -67,8 +68,16 @@ def init_distributed(device: str | None = None) -> DistInfo:
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        # a gloo group left alive at interpreter exit can abort the process ("terminate called
+        # without an active exception") after the work is done; the group we made, we tear down
+        atexit.register(_destroy_group)
     logger.info("rank %d/%d on %s (%s)", rank, world, dev, backend)
     return DistInfo(rank=rank, world_size=world, local_rank=local, device=dev, backend=backend)
+
+
+def _destroy_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def shard(n: int, info: DistInfo) -> range:
