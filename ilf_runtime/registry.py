@@ -65,6 +65,7 @@ SHIPPED_WEIGHTS = {
         "132": "feedback-132.safetensors",
         "dpmpp-132": "feedback-dpmpp-132.safetensors",
         "dpmpp-84": "feedback-dpmpp-84.safetensors",
+        "uniform-132": "feedback-uniform-132.safetensors",
     },
     "fashion-t2i": {
         "default": "feedback.safetensors",

@@ -146,7 +146,8 @@ def test_stock_pixart_call_equals_sample(tmp_path):
 @pytest.mark.skipif(
     not (MODEL_NAMES["fashion-dit"][0] / "feedback.safetensors").is_file(), reason="bundled weights absent"
 )
-def test_fashion_dit_stock_call_with_shipped_weights():
+@pytest.mark.parametrize("weights", ["shipped", "shipped:uniform-132"])
+def test_fashion_dit_stock_call_with_shipped_weights(weights):
     from diffusers import DiTPipeline
 
     from ilf_runtime import load_model
@@ -155,12 +156,12 @@ def test_fashion_dit_stock_call_with_shipped_weights():
     m = load_model("fashion-dit")
     pipe = pixel_pipeline(m)
     assert isinstance(pipe, DiTPipeline)
-    enable(pipe, "shipped")  # found beside the transformer's folder
+    enable(pipe, weights)  # found beside the transformer's folder
     seeds, labels = [100, 101], [0, 9]
     stock = pipe(class_labels=labels, num_inference_steps=10, guidance_scale=1.0, generator=_gens(seeds),
                  output_type="pt").images  # fmt: skip
     disable(pipe)
-    ours = sample(m, class_labels=labels, num_steps=10, seeds=seeds, ilf="shipped").images
+    ours = sample(m, class_labels=labels, num_steps=10, seeds=seeds, ilf=weights).images
     torch.testing.assert_close(torch.as_tensor(stock), ours, rtol=0, atol=1e-6)
 
 
